@@ -1,0 +1,377 @@
+"""The configuration: a TOML file validated as a whole into frozen objects.
+
+Every setting is declared once, as a dataclass field; its default, its check
+and its documentation live together. Validation collects every problem in
+the file before failing, and each message names the key to fix.
+
+A secret setting `x` (the database DSN, client credentials, the secret-store
+key) may instead be given as `x_env` (the name of an environment variable) or
+`x_file` (a path); exactly one of the three. Secret values are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tokend.errors import ConfigError, ConfigErrors
+
+Check = Callable[[Any], Any]
+T = TypeVar("T")
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _seconds(*, allow_zero: bool = False) -> Check:
+    def check(value: Any) -> float:
+        ok_type = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok_type:
+            raise ValueError(f"expected seconds, got {_type_name(value)} {value!r}")
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"expected seconds {bound}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _count(minimum: int = 1) -> Check:
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {_type_name(value)} {value!r}")
+        if value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
+        return value
+
+    return check
+
+
+def _rate(value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"expected a number per second > 0, got {value!r}")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {_type_name(value)}")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _choice(*options: str) -> Check:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _identifier(value: Any) -> str:
+    text = _text(value)
+    if not text.replace("_", "").isalnum() or len(text) > 63:
+        raise ValueError(f"expected a Postgres identifier ([a-z0-9_]), got {text!r}")
+    return text
+
+
+def _listen(value: Any) -> str:
+    text = _text(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return text
+
+
+def _url_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of URL strings")
+    return tuple(value)
+
+
+def setting(default: Any, check: Check, doc: str = "") -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+def secret(doc: str = "", *, required: bool = False) -> Any:
+    return field(
+        default=None, metadata={"secret": True, "required": required, "doc": doc}
+    )
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    dsn: str = secret("Postgres DSN of the host database", required=True)
+    pool_size: int = setting(20, _count(2), "connections in the refresh pool")
+    connect_timeout_s: float = setting(5.0, _seconds())
+    statement_timeout_s: float = setting(15.0, _seconds())
+    integrations_table: str = setting("rmm_integrations", _identifier)
+
+
+@dataclass(frozen=True)
+class LeaderConfig:
+    lock_name: str = setting("tokend", _text, "namespace of the leader lock key")
+    lock_timeout_s: float = setting(5.0, _seconds())
+    heartbeat_interval_s: float = setting(5.0, _seconds())
+    heartbeat_timeout_s: float = setting(4.0, _seconds())
+    lease_s: float = setting(10.0, _seconds())
+    keepalive_idle_s: int = setting(10, _count())
+    keepalive_interval_s: int = setting(3, _count())
+    keepalive_count: int = setting(3, _count())
+    tcp_user_timeout_s: int = setting(20, _count())
+    reconnect_initial_s: float = setting(0.5, _seconds())
+    reconnect_max_s: float = setting(30.0, _seconds())
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    buffer_s: float = setting(900.0, _seconds(), "refresh this long before expiry")
+    min_delay_s: float = setting(30.0, _seconds(allow_zero=True))
+    spread_s: float = setting(60.0, _seconds(allow_zero=True))
+    concurrency: int = setting(16, _count())
+    resync_interval_s: float = setting(300.0, _seconds())
+    max_sleep_s: float = setting(30.0, _seconds())
+    refresh_now_interval_s: float = setting(60.0, _seconds(allow_zero=True))
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    initial_s: float = setting(5.0, _seconds())
+    max_s: float = setting(300.0, _seconds())
+    retry_after_cap_s: float = setting(900.0, _seconds())
+    expiring_warning_s: float = setting(300.0, _seconds(allow_zero=True))
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    channel: str = setting("tokend", _identifier)
+    events_channel: str = setting("tokend_events", _identifier)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = setting(True, _flag)
+    listen: str = setting("127.0.0.1:9464", _listen)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = setting("info", _choice("debug", "info", "warning", "error"))
+    format: str = setting("auto", _choice("auto", "json", "text"))
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    backend: str = setting("postgres", _choice("postgres"))
+    key: str = secret("base64 of a 32-byte AES-256-GCM key", required=True)
+    key_id: str = setting("k1", _text)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    instance_id: str = setting("", lambda v: v if v == "" else _text(v))
+    shutdown_grace_s: float = setting(20.0, _seconds(allow_zero=True))
+    state_dir: str = setting("/var/lib/tokend", _text)
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    kind: str = setting("ninjaone", _choice("ninjaone", "oauth2"))
+    token_path: str = setting("/oauth/token", _text)
+    token_urls: tuple[str, ...] = setting((), _url_list)
+    client_auth: str = setting(
+        "client_secret_post", _choice("client_secret_post", "client_secret_basic")
+    )
+    scope: str = setting("", lambda v: v if v == "" else _text(v))
+    credentials_secret: str = setting("ninjaone_credentials", _text)
+    client_id_secret: str = setting("ninjaone_client_id", _text)
+    client_secret_secret: str = setting("ninjaone_client_secret", _text)
+    client_id: str | None = secret("fallback client id")
+    client_secret: str | None = secret("fallback client secret")
+    allow_http_loopback: bool = setting(False, _flag)
+    default_expires_in_s: float = setting(3600.0, _seconds())
+    request_timeout_s: float = setting(15.0, _seconds())
+    max_body_bytes: int = setting(65536, _count(1024))
+    rate_per_s: float = setting(50.0, _rate)
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    leader: LeaderConfig = field(default_factory=LeaderConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def instance_id(self) -> str:
+        return self.daemon.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        return self.providers.get(name)
+
+
+class _Loader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.errors: list[ConfigError] = []
+
+    def section(self, cls: type[T], table: Any, path: str) -> T:
+        if not isinstance(table, dict):
+            self.errors.append(ConfigError(path, "expected a table"))
+            table = {}
+        secret_keys = {f.name for f in fields(cls) if f.metadata.get("secret")}
+        allowed = {f.name for f in fields(cls)} | {
+            f"{name}_{suffix}" for name in secret_keys for suffix in ("env", "file")
+        }
+        for key in table:
+            if key not in allowed:
+                self.errors.append(ConfigError(f"{path}.{key}", "unknown key"))
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.metadata.get("secret"):
+                values[f.name] = self.secret(table, f.name, path, f.metadata)
+            elif f.name in table:
+                values[f.name] = self.value(table[f.name], f, f"{path}.{f.name}")
+        return cls(**values)
+
+    def value(self, raw: Any, f: Any, key: str) -> Any:
+        try:
+            return f.metadata["check"](raw)
+        except ValueError as exc:
+            self.errors.append(ConfigError(key, str(exc)))
+            return f.default
+
+    def secret(
+        self, table: dict[str, Any], name: str, path: str, meta: Mapping[str, Any]
+    ) -> str | None:
+        given = [k for k in (name, f"{name}_env", f"{name}_file") if k in table]
+        if len(given) > 1:
+            self.errors.append(
+                ConfigError(f"{path}.{name}", f"give only one of {', '.join(given)}")
+            )
+            return None
+        if not given:
+            if meta.get("required"):
+                self.errors.append(
+                    ConfigError(
+                        f"{path}.{name}", f"required (or {name}_env, {name}_file)"
+                    )
+                )
+            return None
+        key = f"{path}.{given[0]}"
+        raw = table[given[0]]
+        if not isinstance(raw, str) or not raw:
+            self.errors.append(ConfigError(key, "expected a non-empty string"))
+            return None
+        if given[0] == name:
+            return raw
+        if given[0].endswith("_env"):
+            if raw not in self.env:
+                problem = f"environment variable {raw} is not set"
+                self.errors.append(ConfigError(key, problem))
+                return None
+            return self.env[raw]
+        try:
+            return Path(raw).read_text().strip()
+        except OSError as exc:
+            problem = f"cannot read {raw}: {exc.strerror}"
+            self.errors.append(ConfigError(key, problem))
+            return None
+
+    def providers(self, table: Any) -> dict[str, ProviderConfig]:
+        if not isinstance(table, dict):
+            self.errors.append(ConfigError("providers", "expected a table"))
+            table = {}
+        result = {"ninjaone": ProviderConfig()}
+        for name, sub in table.items():
+            path = f"providers.{name}"
+            if not isinstance(sub, dict):
+                self.errors.append(ConfigError(path, "expected a table"))
+                continue
+            provider = self.section(ProviderConfig, sub, path)
+            if provider.kind == "oauth2" and not provider.token_urls:
+                self.errors.append(
+                    ConfigError(f"{path}.token_urls", "required for kind oauth2")
+                )
+            result[name] = provider
+        return result
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in fields(Config)
+    if f.default_factory is not MISSING and is_dataclass(f.default_factory)
+}
+
+
+def parse(data: Mapping[str, Any], env: Mapping[str, str], source: str) -> Config:
+    """Validate a parsed TOML document; raise ConfigErrors naming every problem."""
+    loader = _Loader(env)
+    values: dict[str, Any] = {}
+    for key in data:
+        if key not in _SECTIONS and key != "providers":
+            loader.errors.append(ConfigError(key, "unknown section"))
+    for name, cls in _SECTIONS.items():
+        values[name] = loader.section(cls, data.get(name, {}), name)
+    values["providers"] = loader.providers(data.get("providers", {}))
+    config = Config(**values, source=source)
+    loader.errors.extend(_cross_checks(config))
+    if loader.errors:
+        raise ConfigErrors(loader.errors)
+    return config
+
+
+def _cross_checks(config: Config) -> list[ConfigError]:
+    errors = []
+    leader = config.leader
+    if leader.heartbeat_timeout_s >= leader.heartbeat_interval_s:
+        errors.append(
+            ConfigError(
+                "leader.heartbeat_timeout_s",
+                f"must be shorter than leader.heartbeat_interval_s "
+                f"({leader.heartbeat_interval_s:g}), got {leader.heartbeat_timeout_s:g}",
+            )
+        )
+    if leader.lease_s <= leader.heartbeat_interval_s:
+        errors.append(
+            ConfigError(
+                "leader.lease_s",
+                f"must exceed leader.heartbeat_interval_s, got {leader.lease_s:g}",
+            )
+        )
+    if config.retry.max_s < config.retry.initial_s:
+        errors.append(
+            ConfigError("retry.max_s", "must be at least retry.initial_s")
+        )
+    return errors
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigErrors([ConfigError(str(path), f"cannot read: {exc.strerror}")])
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigErrors([ConfigError(str(path), f"invalid TOML: {exc}")])
+    return parse(data, os.environ if env is None else env, str(path))

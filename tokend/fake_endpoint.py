@@ -1,0 +1,275 @@
+"""A fake NinjaOne token endpoint, for the demo, the tests and benchmarks.
+
+It behaves like the real one where tokend can tell: form-encoded requests,
+JSON answers with `expires_in`, refresh tokens rotated on every use, `400
+invalid_grant` for a reused or unknown refresh token, `401 invalid_client`
+for a wrong client secret. Optional: a rotation grace period (the previous
+refresh token stays valid for N seconds) and scripted faults.
+
+Run alone: `python -m tokend.fake_endpoint --client ID:SECRET` prints one
+JSON line with its URL; the `/_admin/...` routes let another process seed
+grants, script faults and read the log. It listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+TOKEN_PATHS = ("/oauth/token", "/ws/oauth/token")
+
+
+@dataclass
+class _Refresh:
+    client_id: str
+    family: str
+    rotated_at: float | None = None
+    revoked: bool = False
+
+
+@dataclass
+class Fault:
+    """One scripted answer. `action`: answer, reset, hang, close_early."""
+
+    action: str = "answer"
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    # Process the grant (rotate) and then fail the answer this way.
+    after_rotation: bool = False
+
+
+@dataclass
+class LogEntry:
+    at: float
+    refresh_token: str
+    result: str
+    new_refresh_token: str | None = None
+
+
+class FakeTokenEndpoint:
+    def __init__(
+        self,
+        clients: dict[str, str],
+        *,
+        expires_in_s: int = 3600,
+        rotation_grace_s: float = 0.0,
+        delay_s: float = 0.0,
+    ) -> None:
+        self.clients = dict(clients)
+        self.expires_in_s = expires_in_s
+        self.rotation_grace_s = rotation_grace_s
+        self.delay_s = delay_s
+        self.faults: deque[Fault] = deque()
+        self.log: list[LogEntry] = []
+        self._refresh: dict[str, _Refresh] = {}
+        self._access: dict[str, float] = {}
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- state ------------------------------------------------------------
+
+    def grant(self, client_id: str) -> dict[str, Any]:
+        """A new grant, as an OAuth connect would give the host app."""
+        return self._issue(client_id, family=secrets.token_hex(8))
+
+    def _issue(self, client_id: str, family: str) -> dict[str, Any]:
+        access = "at_" + secrets.token_urlsafe(24)
+        refresh = "rt_" + secrets.token_urlsafe(24)
+        self._refresh[refresh] = _Refresh(client_id, family)
+        self._access[access] = time.time() + self.expires_in_s
+        return {
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": self.expires_in_s,
+            "token_type": "Bearer",
+            "scope": "monitoring management offline_access",
+        }
+
+    def refresh_token_valid(self, token: str) -> bool:
+        record = self._refresh.get(token)
+        return record is not None and self._usable(record, time.time())
+
+    def access_token_valid(self, token: str) -> bool:
+        return self._access.get(token, 0.0) > time.time()
+
+    def _usable(self, record: _Refresh, now: float) -> bool:
+        if record.revoked:
+            return False
+        if record.rotated_at is None:
+            return True
+        return now - record.rotated_at < self.rotation_grace_s
+
+    def rotate(self, token: str, client_id: str) -> tuple[int, dict[str, Any]]:
+        """Apply one refresh_token grant; (status, JSON answer)."""
+        record = self._refresh.get(token)
+        now = time.time()
+        if record is None or record.client_id != client_id:
+            self.log.append(LogEntry(now, token, "invalid_grant"))
+            return 400, {"error": "invalid_grant", "error_description": "unknown"}
+        if not self._usable(record, now):
+            self.log.append(LogEntry(now, token, "reused"))
+            return 400, {"error": "invalid_grant", "error_description": "reused"}
+        if record.rotated_at is None:
+            record.rotated_at = now
+        answer = self._issue(client_id, record.family)
+        self.log.append(LogEntry(now, token, "ok", answer["refresh_token"]))
+        return 200, answer
+
+    # -- HTTP -------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for path in TOKEN_PATHS:
+            app.router.add_post(path, self._token)
+        app.router.add_post("/_admin/grant", self._admin_grant)
+        app.router.add_post("/_admin/faults", self._admin_faults)
+        app.router.add_post("/_admin/settings", self._admin_settings)
+        app.router.add_get("/_admin/log", self._admin_log)
+        app.router.add_post("/_admin/check", self._admin_check)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
+        self.url = f"http://{host}:{bound[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _client(self, request: web.Request, form: Any) -> str | None:
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Basic "):
+            try:
+                pair = base64.b64decode(header[6:], validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            client_id, _, client_secret = pair.partition(":")
+        else:
+            client_id = form.get("client_id", "")
+            client_secret = form.get("client_secret", "")
+        if not client_id or self.clients.get(client_id) != client_secret:
+            return None
+        return str(client_id)
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        fault = self.faults.popleft() if self.faults else None
+        delay = fault.delay_s if fault else self.delay_s
+        if delay:
+            await asyncio.sleep(delay)
+        if fault is not None and not fault.after_rotation:
+            return await self._fault(request, fault)
+        if form.get("grant_type") != "refresh_token":
+            return _json(400, {"error": "unsupported_grant_type"})
+        client_id = self._client(request, form)
+        if client_id is None:
+            return _json(401, {"error": "invalid_client"})
+        status, answer = self.rotate(str(form.get("refresh_token", "")), client_id)
+        if fault is not None:
+            return await self._fault(request, fault)
+        return _json(status, answer)
+
+    async def _fault(self, request: web.Request, fault: Fault) -> web.StreamResponse:
+        if fault.action == "hang":
+            await asyncio.sleep(3600)
+        if fault.action == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if fault.action == "close_early":
+            response = web.StreamResponse(status=200)
+            response.content_length = 1000
+            response.content_type = "application/json"
+            await response.prepare(request)
+            await response.write(b'{"access_token": "')
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        return web.Response(status=fault.status, body=fault.body, headers=fault.headers)
+
+    async def _admin_grant(self, request: web.Request) -> web.Response:
+        doc = await request.json()
+        return _json(200, self.grant(doc["client_id"]))
+
+    async def _admin_faults(self, request: web.Request) -> web.Response:
+        for item in await request.json():
+            body = item.pop("body", "")
+            self.faults.append(Fault(body=body.encode(), **item))
+        return _json(200, {"queued": len(self.faults)})
+
+    async def _admin_settings(self, request: web.Request) -> web.Response:
+        doc = await request.json()
+        for name in ("expires_in_s", "rotation_grace_s", "delay_s"):
+            if name in doc:
+                setattr(self, name, doc[name])
+        return _json(200, {"ok": True})
+
+    async def _admin_log(self, request: web.Request) -> web.Response:
+        return _json(200, [entry.__dict__ for entry in self.log])
+
+    async def _admin_check(self, request: web.Request) -> web.Response:
+        doc = await request.json()
+        return _json(
+            200,
+            {
+                "refresh_token_valid": self.refresh_token_valid(doc.get("refresh_token", "")),
+                "access_token_valid": self.access_token_valid(doc.get("access_token", "")),
+            },
+        )
+
+
+def _json(status: int, doc: Any) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(doc), content_type="application/json"
+    )
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    clients = dict(pair.split(":", 1) for pair in args.client)
+    endpoint = FakeTokenEndpoint(
+        clients, expires_in_s=args.expires_in, rotation_grace_s=args.grace
+    )
+    url = await endpoint.start(args.host, args.port)
+    print(orjson.dumps({"url": url}).decode(), flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await endpoint.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "::1"])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--client", action="append", default=[], help="ID:SECRET")
+    parser.add_argument("--expires-in", type=int, default=3600)
+    parser.add_argument("--grace", type=float, default=0.0)
+    args = parser.parse_args()
+    try:
+        asyncio.run(_serve(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Leadership: one leader among replicas, held by a Postgres advisory lock.
+
+One dedicated autocommit connection carries the lock, LISTEN and the
+heartbeat: one failure domain, one liveness check. A follower waits in
+`pg_advisory_lock` under a server-side `lock_timeout`, so it takes over the
+moment the leader's session ends, and each timeout proves its connection
+alive. A client-side cancel never times out that wait (a grant could race
+the cancel and leak the lock): on any doubt the connection is discarded,
+which releases whatever it held.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import asyncpg
+
+from tokend import metrics
+from tokend.config import LeaderConfig
+from tokend.errors import NotLeader
+from tokend.keys import leader_key
+
+logger = logging.getLogger(__name__)
+
+Term = Callable[[asyncpg.Connection], Awaitable[None]]
+
+_HEARTBEAT = """
+SELECT EXISTS (
+           SELECT 1 FROM pg_locks
+           WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+             AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1
+       ) AS held,
+       pg_is_in_recovery() AS in_recovery,
+       $3 = ANY (SELECT pg_listening_channels()) AS listening
+"""
+
+# Errors that mean "this connection or server is not usable now".
+CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    NotLeader,
+)
+
+
+class Backoff:
+    """Full-jitter exponential backoff that resets after a healthy stretch."""
+
+    def __init__(self, initial_s: float, max_s: float, healthy_s: float = 30.0) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.healthy_s = healthy_s
+        self._attempt = 0
+        self._since: float | None = None
+
+    def connected(self) -> None:
+        self._since = time.monotonic()
+
+    def next_delay(self) -> float:
+        if self._since is not None and time.monotonic() - self._since >= self.healthy_s:
+            self._attempt = 0
+        self._since = None
+        ceiling = min(self.max_s, self.initial_s * 2**self._attempt)
+        self._attempt += 1
+        return random.uniform(0, ceiling)
+
+
+class Leader:
+    def __init__(
+        self,
+        dsn: str,
+        config: LeaderConfig,
+        channel: str,
+        *,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.config = config
+        self.channel = channel
+        self.connect_timeout_s = connect_timeout_s
+        self.key = leader_key(config.lock_name)
+        self.role = "starting"
+        self.connected = False
+        self._valid_until = 0.0
+        self._backoff = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
+
+    def is_leader(self) -> bool:
+        """True only within the lease of the last good heartbeat."""
+        return self.role == "leader" and time.monotonic() < self._valid_until
+
+    async def run(self, term: Term) -> None:
+        """Follow, lead, step down, forever. `term` runs while leading."""
+        while True:
+            conn = None
+            try:
+                conn = await self._connect()
+                self.connected = True
+                self._backoff.connected()
+                await self._wait_for_lock(conn)
+                await self._lead(conn, term)
+            except* CONNECTION_ERRORS as group:
+                self._stepped_down(group.exceptions[0])
+            finally:
+                self.connected = False
+                if self.role == "leader":
+                    self._set_role("follower")
+                if conn is not None:
+                    conn.terminate()
+            metrics.db_reconnects.labels("leader").inc()
+            await anyio.sleep(self._backoff.next_delay())
+
+    async def _connect(self) -> asyncpg.Connection:
+        c = self.config
+        settings = {
+            "application_name": "tokend-leader",
+            "lock_timeout": f"{int(c.lock_timeout_s * 1000)}ms",
+            # The server frees a vanished leader's lock once these expire.
+            "tcp_keepalives_idle": str(c.keepalive_idle_s),
+            "tcp_keepalives_interval": str(c.keepalive_interval_s),
+            "tcp_keepalives_count": str(c.keepalive_count),
+            "tcp_user_timeout": str(c.tcp_user_timeout_s * 1000),
+        }
+        with anyio.fail_after(self.connect_timeout_s + 1):
+            return await asyncpg.connect(
+                self.dsn, timeout=self.connect_timeout_s, server_settings=settings
+            )
+
+    async def _wait_for_lock(self, conn: asyncpg.Connection) -> None:
+        if self.role != "follower":
+            self._set_role("follower")
+        # Only a dead connection outlasts the server's lock_timeout by this.
+        budget = self.config.lock_timeout_s + self.config.heartbeat_timeout_s
+        while True:
+            try:
+                with anyio.fail_after(budget):
+                    await conn.execute("SELECT pg_advisory_lock($1)", self.key)
+                return
+            except asyncpg.LockNotAvailableError:
+                continue
+
+    async def _lead(self, conn: asyncpg.Connection, term: Term) -> None:
+        self._valid_until = time.monotonic() + self.config.lease_s
+        self._set_role("leader")
+        async with anyio.create_task_group() as tg:
+
+            def lost(_: Any) -> None:
+                tg.cancel_scope.cancel()
+
+            conn.add_termination_listener(lost)
+            tg.start_soon(self._heartbeat, conn)
+            await term(conn)
+            tg.cancel_scope.cancel()
+        # A term ends on its own only at shutdown; a cut connection lands here
+        # through the termination callback.
+        if conn.is_closed():
+            raise NotLeader("the leader connection was closed")
+
+    async def _heartbeat(self, conn: asyncpg.Connection) -> None:
+        c = self.config
+        classid, objid = (self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF
+        while True:
+            await anyio.sleep(c.heartbeat_interval_s)
+            started = time.monotonic()
+            with anyio.fail_after(c.heartbeat_timeout_s):
+                row = await conn.fetchrow(_HEARTBEAT, classid, objid, self.channel)
+            if not row["held"]:
+                raise NotLeader("pg_locks no longer shows the leader lock as ours")
+            if row["in_recovery"]:
+                raise NotLeader("the server is in recovery (a standby)")
+            if not row["listening"]:
+                raise NotLeader(f"not listening on channel {self.channel!r}")
+            self._valid_until = started + c.lease_s
+
+    def _stepped_down(self, exc: BaseException) -> None:
+        logger.warning(
+            "stepping down" if self.role == "leader" else "database unreachable",
+            extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "role": self.role},
+        )
+
+    def _set_role(self, role: str) -> None:
+        previous, self.role = self.role, role
+        metrics.leader.set(1 if role == "leader" else 0)
+        if previous != role and "leader" in (previous, role):
+            change = "gained" if role == "leader" else "lost"
+            metrics.leader_transitions.labels(change).inc()
+            logger.info("leadership " + change, extra={"role": role})

@@ -1,0 +1,88 @@
+"""Prometheus metrics. No tenant or integration labels: cardinality stays
+bounded by providers, outcomes and statuses."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 15, 60, 300, 900)
+_REMAINING_BUCKETS = (0, 60, 300, 600, 900, 1200, 1800, 3600, 7200, 86400)
+
+leader = Gauge("tokend_leader", "1 while this process leads, else 0", registry=REGISTRY)
+leader_transitions = Counter(
+    "tokend_leader_transitions_total",
+    "Times this process gained or lost leadership",
+    ["change"],
+    registry=REGISTRY,
+)
+integrations = Gauge(
+    "tokend_integrations",
+    "Integrations known to the leader, by lifecycle status",
+    ["status"],
+    registry=REGISTRY,
+)
+heap_entries = Gauge(
+    "tokend_heap_entries", "Live entries in the deadline heap", registry=REGISTRY
+)
+next_deadline = Gauge(
+    "tokend_next_deadline_seconds",
+    "Seconds until the earliest deadline (negative when overdue)",
+    registry=REGISTRY,
+)
+tokens_expired = Gauge(
+    "tokend_tokens_expired",
+    "Scheduled integrations whose access token has lapsed unrefreshed",
+    registry=REGISTRY,
+)
+refreshes = Counter(
+    "tokend_refreshes_total",
+    "Refresh attempts by provider and outcome",
+    ["provider", "outcome"],
+    registry=REGISTRY,
+)
+refresh_duration = Histogram(
+    "tokend_refresh_duration_seconds",
+    "Duration of one refresh, lock to commit",
+    ["provider"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+refresh_lateness = Histogram(
+    "tokend_refresh_lateness_seconds",
+    "How late a refresh started against its deadline",
+    buckets=_LATENESS_BUCKETS,
+    registry=REGISTRY,
+)
+token_remaining = Histogram(
+    "tokend_token_remaining_seconds",
+    "Remaining access-token lifetime when a refresh started",
+    buckets=_REMAINING_BUCKETS,
+    registry=REGISTRY,
+)
+notifications = Counter(
+    "tokend_notifications_total",
+    "Notifications received, by event and result",
+    ["event", "result"],
+    registry=REGISTRY,
+)
+db_reconnects = Counter(
+    "tokend_db_reconnects_total",
+    "Reconnects of tokend's own Postgres connections",
+    ["connection"],
+    registry=REGISTRY,
+)
+config_reloads = Counter(
+    "tokend_config_reloads_total",
+    "Config reloads by result",
+    ["result"],
+    registry=REGISTRY,
+)
+events_emitted = Counter(
+    "tokend_events_emitted_total",
+    "Events written to the outbox and notified",
+    ["type"],
+    registry=REGISTRY,
+)

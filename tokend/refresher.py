@@ -1,0 +1,626 @@
+"""The unit of work on one integration: refresh it, or reschedule it.
+
+Both run in one transaction under the integration's advisory lock (the same
+lock a host app takes for its lazy refresh), so no two parties ever rotate
+one refresh token at once. Heap changes are applied after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import anyio
+import asyncpg
+
+from tokend import metrics, oauth, policy
+from tokend.config import Config
+from tokend.credentials import Credentials, CredentialsInvalid
+from tokend.errors import SecretError, TokenURLRefused
+from tokend.lifecycle import Failure, Lifecycle
+from tokend.providers import Provider
+from tokend.schedule import Due, Schedule
+from tokend.secrets import APP, SecretStore
+from tokend.store import Event, IntegrationKey, Row, Store
+
+logger = logging.getLogger(__name__)
+
+REFRESHED = "INTEGRATION_TOKEN_REFRESHED"
+RECOVERED = "INTEGRATION_TOKEN_RECOVERED"
+FAILED = "INTEGRATION_TOKEN_REFRESH_FAILED"
+RECONNECT = "INTEGRATION_RECONNECT_REQUIRED"
+EXPIRING = "INTEGRATION_TOKEN_EXPIRING"
+
+
+class Unschedulable(Exception):
+    """This integration cannot be refreshed until someone changes something."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Secrets:
+    credentials: Credentials
+    client_id: str
+    client_secret: str
+
+
+@dataclass
+class _Work:
+    """One transaction's outcome, applied to the heap after commit."""
+
+    key: IntegrationKey
+    provider: str
+    lifecycle: Lifecycle | None = None
+    events: tuple[Event, ...] = ()
+    outcome: str | None = None
+
+
+class Refresher:
+    def __init__(
+        self,
+        config: Config,
+        pool: asyncpg.Pool,
+        secrets: SecretStore,
+        store: Store,
+        schedule: Schedule,
+        session: aiohttp.ClientSession,
+        is_leader: Callable[[], bool] = lambda: True,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.secrets = secrets
+        self.store = store
+        self.schedule = schedule
+        self.session = session
+        self.is_leader = is_leader
+        self.rng = rng or random.Random()
+        # The unschedulable reason last logged per integration: log each once.
+        self._reported: dict[IntegrationKey, str] = {}
+
+    @property
+    def providers(self) -> Mapping[str, Provider]:
+        return {name: Provider(name, p) for name, p in self.config.providers.items()}
+
+    # -- the refresh ------------------------------------------------------
+
+    async def refresh(self, due: Due) -> str:
+        """Refresh one due integration; return the outcome label."""
+        started = time.monotonic()
+        metrics.refresh_lateness.observe(max(0.0, time.time() - due.deadline))
+        work = _Work(due.key, due.provider)
+        async with self.pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", due.key.lock_key)
+                row = await self.store.read(conn, due.key)
+                await self._refresh_locked(conn, row, due, work)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await transaction.rollback()
+                raise
+            # A rotated token is committed even if shutdown's grace runs out now.
+            with anyio.CancelScope(shield=True):
+                await transaction.commit()
+        self._apply(work)
+        outcome = work.outcome or "skipped"
+        metrics.refreshes.labels(work.provider, outcome).inc()
+        if outcome != "skipped":
+            metrics.refresh_duration.labels(work.provider).observe(
+                time.monotonic() - started
+            )
+        return outcome
+
+    async def _refresh_locked(
+        self, conn: asyncpg.Connection, row: Row | None, due: Due, work: _Work
+    ) -> None:
+        current = self._current(row)
+        if row is None or current is None:
+            return
+        if current.schedule_nonce != due.nonce:
+            # Someone rescheduled meanwhile: follow the stored schedule.
+            logger.debug("stale entry dropped", extra=due.key.log(nonce=due.nonce))
+            work.lifecycle = current if row.is_active else None
+            return
+        if not row.is_active or not current.schedulable or not self.is_leader():
+            return
+        try:
+            found = await self._read_secrets(conn, row)
+            url = self._provider(row).token_url(
+                found.credentials.instance_url or row.instance_url
+            )
+        except Unschedulable as exc:
+            await self._unschedulable(conn, row, current, exc, work)
+            return
+        except TokenURLRefused as exc:
+            error = Unschedulable("token_url_refused", str(exc))
+            await self._unschedulable(conn, row, current, error, work)
+            return
+        known = current.expires_at
+        if known is not None and found.credentials.expires_at > known + 1:
+            # The stored token is newer than the one we scheduled for: someone
+            # else refreshed and forgot to tell us.
+            await self._plan(conn, row, current, found.credentials, "resync", work)
+            return
+        await self._call(conn, row, current, found, url, work)
+
+    async def _call(
+        self,
+        conn: asyncpg.Connection,
+        row: Row,
+        current: Lifecycle,
+        found: Secrets,
+        url: str,
+        work: _Work,
+    ) -> None:
+        provider = self._provider(row)
+        now = time.time()
+        metrics.token_remaining.observe(max(0.0, found.credentials.expires_at - now))
+        logger.info(
+            "refresh started", extra=row.key.log(provider=row.provider, nonce=current.schedule_nonce)
+        )
+        grant = oauth.Grant(
+            url=url,
+            refresh_token=found.credentials.refresh_token,
+            client_id=found.client_id,
+            client_secret=found.client_secret,
+            client_auth=provider.config.client_auth,
+            scope=provider.config.scope,
+        )
+        outcome = await oauth.request_refresh(
+            self.session,
+            grant,
+            timeout_s=provider.config.request_timeout_s,
+            max_body_bytes=provider.config.max_body_bytes,
+            default_expires_in_s=provider.config.default_expires_in_s,
+        )
+        with anyio.CancelScope(shield=True):
+            await self._record(conn, row, current, found, outcome, now, work)
+
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        row: Row,
+        current: Lifecycle,
+        found: Secrets,
+        outcome: oauth.Outcome,
+        now: float,
+        work: _Work,
+    ) -> None:
+        """Persist what the token endpoint answered (shielded by the caller:
+        once the provider may have rotated, the answer must be written)."""
+        attempt = current.replace(last_refresh_attempt_at=now)
+        if outcome.kind == "success":
+            assert outcome.tokens is not None
+            await self._succeeded(conn, row, attempt, found.credentials, outcome.tokens, work)
+        elif outcome.kind == "reconnect_required":
+            await self._rejected(conn, row, attempt, found.credentials, outcome, work)
+        elif outcome.kind == "client_rejected":
+            error = Unschedulable(outcome.code, outcome.message)
+            await self._unschedulable(conn, row, attempt, error, work, outcome)
+        else:
+            await self._retry(conn, row, attempt, found.credentials, outcome, work)
+
+    async def _succeeded(
+        self,
+        conn: asyncpg.Connection,
+        row: Row,
+        current: Lifecycle,
+        old: Credentials,
+        tokens: oauth.TokenSet,
+        work: _Work,
+    ) -> None:
+        if tokens.expires_in_defaulted:
+            logger.warning(
+                "token endpoint sent no expires_in; assuming the default lifetime",
+                extra=row.key.log(provider=row.provider),
+            )
+        if tokens.token_type and tokens.token_type.lower() != "bearer":
+            logger.warning(
+                "token endpoint sent a token_type other than bearer; stored as is",
+                extra=row.key.log(provider=row.provider, token_type=tokens.token_type[:32]),
+            )
+        rotated = Credentials(
+            access_token=tokens.access_token,
+            refresh_token=tokens.refresh_token or old.refresh_token,
+            expires_at_ms=tokens.expires_at_ms,
+            instance_url=old.instance_url,
+            extra=old.extra,
+        )
+        name = self._provider(row).config.credentials_secret
+        await self.secrets.put(row.key.tenant, name, rotated.dumps(), conn=conn)
+        now = time.time()
+        healed = current.consecutive_failures > 0
+        lifecycle = self._scheduled(
+            current, rotated.expires_at, now, "proactive_refresh_success"
+        ).replace(last_refresh_at=now)
+        events = [self._event(REFRESHED, row, rotated.expires_at)]
+        if healed:
+            events.append(self._event(RECOVERED, row, rotated.expires_at))
+        await self._commit(conn, row, lifecycle, events, "success", work)
+        logger.info(
+            "refresh succeeded",
+            extra=row.key.log(
+                provider=row.provider,
+                old_expires_at=old.expires_at,
+                new_expires_at=rotated.expires_at,
+                next_refresh_at=lifecycle.next_refresh_at,
+            ),
+        )
+
+    async def _rejected(
+        self,
+        conn: asyncpg.Connection,
+        row: Row,
+        current: Lifecycle,
+        sent: Credentials,
+        outcome: oauth.Outcome,
+        work: _Work,
+    ) -> None:
+        # The host app may have rotated the token a moment ago without our
+        # lock: a changed refresh token means someone else refreshed.
+        try:
+            again = await self._read_secrets(conn, row)
+        except Unschedulable:
+            again = None
+        if again and again.credentials.refresh_token != sent.refresh_token:
+            logger.info(
+                "refresh token rotated by another party; rescheduling",
+                extra=row.key.log(provider=row.provider),
+            )
+            await self._plan(conn, row, current, again.credentials, "lazy_refresh_success", work)
+            return
+        now = time.time()
+        failure = self._failure(outcome, now)
+        lifecycle = current.replace(
+            status="reconnect_required",
+            schedule_nonce=current.schedule_nonce + 1,
+            next_refresh_at=None,
+            reconnect_required=True,
+            reconnect_reason=f"refresh token rejected ({outcome.code})",
+            consecutive_failures=current.consecutive_failures + 1,
+            last_refresh_failure=failure.to_json(),
+            owner_id=self.config.instance_id,
+        )
+        event = self._event(RECONNECT, row, sent.expires_at, outcome)
+        await self._commit(conn, row, lifecycle, [event], "reconnect_required", work)
+        logger.warning(
+            "reconnect required: the refresh token was rejected",
+            extra=row.key.log(provider=row.provider, error_code=outcome.code, http_status=outcome.http_status),
+        )
+
+    async def _retry(
+        self,
+        conn: asyncpg.Connection,
+        row: Row,
+        current: Lifecycle,
+        sent: Credentials,
+        outcome: oauth.Outcome,
+        work: _Work,
+    ) -> None:
+        now = time.time()
+        failures = current.consecutive_failures + 1
+        delay = policy.backoff(failures, self.config.retry, self.rng, outcome.retry_after_s)
+        lifecycle = current.replace(
+            status="retrying",
+            schedule_nonce=current.schedule_nonce + 1,
+            expires_at=sent.expires_at,
+            next_refresh_at=now + delay,
+            last_scheduled_at=now,
+            last_schedule_source="retry",
+            consecutive_failures=failures,
+            last_refresh_failure=self._failure(outcome, now).to_json(),
+            owner_id=self.config.instance_id,
+        )
+        events = [self._event(FAILED, row, sent.expires_at, outcome)]
+        lapse_at = sent.expires_at - self.config.retry.expiring_warning_s
+        if now + delay >= lapse_at and current.expiring_notified_for != sent.expires_at:
+            events.append(self._event(EXPIRING, row, sent.expires_at, outcome))
+            lifecycle = lifecycle.replace(expiring_notified_for=sent.expires_at)
+        await self._commit(conn, row, lifecycle, events, "transient", work)
+        logger.warning(
+            "refresh failed; will retry",
+            extra=row.key.log(
+                provider=row.provider,
+                http_status=outcome.http_status,
+                error_code=outcome.code,
+                error=outcome.message,
+                retry_in_s=round(delay, 1),
+            ),
+        )
+
+    # -- rescheduling without a refresh -----------------------------------
+
+    async def reschedule(
+        self,
+        key: IntegrationKey,
+        source: str,
+        *,
+        clear_reconnect: bool = False,
+        immediate: bool = False,
+    ) -> str:
+        """Recompute an integration's deadline from its stored credentials.
+
+        Used for `connected`, `refreshed`, `reset`, `refresh_now` and
+        backfill. Returns what happened: scheduled, unschedulable, inactive,
+        unknown or ignored.
+        """
+        work = _Work(key, "")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", key.lock_key)
+            row = await self.store.read(conn, key)
+            result = await self._reschedule_locked(
+                conn, row, source, clear_reconnect, immediate, work
+            )
+        self._apply(work)
+        return result
+
+    async def deactivate(self, key: IntegrationKey) -> str:
+        """`disconnected`: no more refreshes until the next `connected`."""
+        work = _Work(key, "")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", key.lock_key)
+            row = await self.store.read(conn, key)
+            current = self._current(row)
+            if row is None or current is None:
+                return "unknown"
+            await self._deactivate_locked(conn, row, current, work)
+        self._apply(work)
+        return "inactive"
+
+    async def _deactivate_locked(
+        self, conn: asyncpg.Connection, row: Row, current: Lifecycle, work: _Work
+    ) -> None:
+        lifecycle = current.replace(
+            status="inactive",
+            schedule_nonce=current.schedule_nonce + 1,
+            next_refresh_at=None,
+            owner_id=self.config.instance_id,
+        )
+        await self._commit(conn, row, lifecycle, [], None, work)
+
+    async def _reschedule_locked(
+        self,
+        conn: asyncpg.Connection,
+        row: Row | None,
+        source: str,
+        clear_reconnect: bool,
+        immediate: bool,
+        work: _Work,
+    ) -> str:
+        current = self._current(row)
+        if row is None or current is None:
+            return "unknown"
+        work.provider = row.provider
+        if not row.is_active:
+            if current.status != "inactive":
+                await self._deactivate_locked(conn, row, current, work)
+            return "inactive"
+        if current.status == "inactive" and source != "oauth_connected":
+            return "ignored"
+        if clear_reconnect:
+            current = current.replace(
+                status="scheduled",
+                reconnect_required=False,
+                reconnect_reason=None,
+                consecutive_failures=0,
+                last_refresh_failure=None,
+            )
+        elif current.reconnect_required:
+            return "ignored"
+        try:
+            found = await self._read_secrets(conn, row)
+        except Unschedulable as exc:
+            await self._unschedulable(conn, row, current, exc, work)
+            return "unschedulable"
+        await self._plan(conn, row, current, found.credentials, source, work, immediate)
+        return "scheduled"
+
+    async def _plan(
+        self,
+        conn: asyncpg.Connection,
+        row: Row,
+        current: Lifecycle,
+        credentials: Credentials,
+        source: str,
+        work: _Work,
+        immediate: bool = False,
+    ) -> None:
+        now = time.time()
+        lifecycle = self._scheduled(current, credentials.expires_at, now, source)
+        if immediate:
+            lifecycle = lifecycle.replace(next_refresh_at=now)
+        await self._commit(conn, row, lifecycle, [], None, work)
+        logger.info(
+            "refresh scheduled",
+            extra=row.key.log(
+                provider=row.provider,
+                source=source,
+                nonce=lifecycle.schedule_nonce,
+                next_refresh_at=lifecycle.next_refresh_at,
+            ),
+        )
+
+    # -- helpers ----------------------------------------------------------
+
+    def _current(self, row: Row | None) -> Lifecycle | None:
+        if row is None:
+            return None
+        if row.lifecycle_error is not None:
+            logger.warning(
+                "stored lifecycle is malformed; starting a new one",
+                extra=row.key.log(problem=row.lifecycle_error),
+            )
+        return row.lifecycle or Lifecycle()
+
+    def _provider(self, row: Row) -> Provider:
+        config = self.config.provider(row.provider)
+        if config is None:
+            raise Unschedulable(
+                "provider_not_configured",
+                f"provider {row.provider!r} is not configured in tokend",
+            )
+        return Provider(row.provider, config)
+
+    async def _read_secrets(self, conn: asyncpg.Connection, row: Row) -> Secrets:
+        provider = self._provider(row).config
+        tenant = row.key.tenant
+        ids = (provider.client_id_secret, provider.client_secret_secret)
+        wanted = [(tenant, provider.credentials_secret)]
+        wanted += [(owner, name) for owner in (tenant, APP) for name in ids]
+        try:
+            found = await self.secrets.get_many(wanted, conn=conn)
+        except SecretError as exc:
+            raise Unschedulable("credentials_unreadable", str(exc)) from None
+        raw = found.get(wanted[0])
+        if raw is None:
+            raise Unschedulable(
+                "credentials_missing",
+                f"no {provider.credentials_secret!r} secret for this tenant",
+            )
+        try:
+            credentials = Credentials.parse(raw)
+        except CredentialsInvalid as exc:
+            raise Unschedulable(
+                "credentials_invalid",
+                f"{provider.credentials_secret!r} secret is unusable: {exc}",
+            ) from None
+
+        def resolve(name: str, fallback: str | None) -> str | None:
+            value = found.get((tenant, name)) or found.get((APP, name))
+            return value.decode() if value else fallback
+
+        client_id = resolve(provider.client_id_secret, provider.client_id)
+        client_secret = resolve(provider.client_secret_secret, provider.client_secret)
+        if not client_id or not client_secret:
+            raise Unschedulable(
+                "client_credentials_missing",
+                "no client id or secret: neither tenant nor app secrets "
+                f"{provider.client_id_secret!r}/{provider.client_secret_secret!r} "
+                "nor the provider config give one",
+            )
+        return Secrets(credentials, client_id, client_secret)
+
+    async def _unschedulable(
+        self,
+        conn: asyncpg.Connection,
+        row: Row,
+        current: Lifecycle,
+        error: Unschedulable,
+        work: _Work,
+        outcome: oauth.Outcome | None = None,
+    ) -> None:
+        now = time.time()
+        failure = Failure(
+            error.code,
+            error.message,
+            False,
+            outcome.http_status if outcome else None,
+            now,
+        )
+        lifecycle = current.replace(
+            status="unschedulable",
+            schedule_nonce=current.schedule_nonce + 1,
+            next_refresh_at=None,
+            last_refresh_failure=failure.to_json(),
+            owner_id=self.config.instance_id,
+        )
+        events = [self._event(FAILED, row, current.expires_at, outcome, error=error)]
+        label = "client_rejected" if outcome else "unschedulable"
+        await self._commit(conn, row, lifecycle, events, label, work)
+        if self._reported.get(row.key) != error.code:
+            self._reported[row.key] = error.code
+            logger.warning(
+                "integration unschedulable",
+                extra=row.key.log(provider=row.provider, code=error.code, reason=error.message),
+            )
+
+    def _deadline(self, expires_at: float, now: float) -> float:
+        return policy.deadline(expires_at, now, self.config.scheduler, self.rng)
+
+    def _scheduled(
+        self, current: Lifecycle, expires_at: float, now: float, source: str
+    ) -> Lifecycle:
+        return current.replace(
+            status="scheduled",
+            schedule_nonce=current.schedule_nonce + 1,
+            expires_at=expires_at,
+            next_refresh_at=self._deadline(expires_at, now),
+            last_scheduled_at=now,
+            last_schedule_source=source,
+            consecutive_failures=0,
+            last_refresh_failure=None,
+            reconnect_required=False,
+            reconnect_reason=None,
+            owner_id=self.config.instance_id,
+        )
+
+    def _failure(self, outcome: oauth.Outcome, now: float) -> Failure:
+        return Failure(
+            outcome.code, outcome.message, outcome.retryable, outcome.http_status, now
+        )
+
+    def _event(
+        self,
+        kind: str,
+        row: Row,
+        expires_at: float | None,
+        outcome: oauth.Outcome | None = None,
+        error: Unschedulable | None = None,
+    ) -> Event:
+        code = error.code if error else (outcome.code if outcome else None)
+        message = error.message if error else (outcome.message if outcome else None)
+        return Event(
+            type=kind,
+            key=row.key,
+            provider=row.provider,
+            expires_at=expires_at,
+            retryable=outcome.retryable if outcome and not error else (False if error else None),
+            error_code=code,
+            error_message=message,
+        )
+
+    async def _commit(
+        self,
+        conn: asyncpg.Connection,
+        row: Row,
+        lifecycle: Lifecycle,
+        events: list[Event],
+        outcome: str | None,
+        work: _Work,
+    ) -> None:
+        """Write the lifecycle and events; the transaction commits on return."""
+        if not await self.store.write_lifecycle(conn, row.key, lifecycle):
+            return
+        for event in events:
+            await self.store.emit(conn, event)
+        work.provider = row.provider
+        work.lifecycle = lifecycle
+        work.events = tuple(events)
+        work.outcome = outcome
+        if lifecycle.schedulable:
+            self._reported.pop(row.key, None)
+
+    def _apply(self, work: _Work) -> None:
+        """After commit: count events and move the heap."""
+        for event in work.events:
+            metrics.events_emitted.labels(event.type).inc()
+        lifecycle = work.lifecycle
+        if lifecycle is None:
+            return
+        if lifecycle.schedulable and lifecycle.next_refresh_at is not None:
+            self.schedule.put(
+                work.key, lifecycle.next_refresh_at, lifecycle.schedule_nonce, work.provider
+            )
+        else:
+            self.schedule.drop(work.key, lifecycle.schedule_nonce)
