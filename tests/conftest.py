@@ -26,7 +26,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--chaos", action="store_true", help="run the chaos suite")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
     if config.getoption("--chaos"):
         return
     skip = pytest.mark.skip(reason="chaos suite: run with --chaos")
@@ -37,7 +39,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(
     scope="session",
-    params=["uvloop"] if os.environ.get("TOKEND_TEST_LOOP") == "uvloop" else ["asyncio"],
+    params=["uvloop"]
+    if os.environ.get("TOKEND_TEST_LOOP") == "uvloop"
+    else ["asyncio"],
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
     return "asyncio", {"use_uvloop": request.param == "uvloop"}

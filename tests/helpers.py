@@ -57,7 +57,9 @@ def config_doc(dsn: str, **overrides: dict[str, Any]) -> dict[str, Any]:
         "http": {"enabled": False},
         "secrets": {"key": SECRET_KEY},
         "daemon": {"shutdown_grace_s": 5.0},
-        "providers": {"ninjaone": {"allow_http_loopback": True, "request_timeout_s": 3.0}},
+        "providers": {
+            "ninjaone": {"allow_http_loopback": True, "request_timeout_s": 3.0}
+        },
     }
     for section, values in overrides.items():
         doc.setdefault(section, {}).update(values)
@@ -98,7 +100,9 @@ def _toml(value: Any) -> str:
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T] | T], timeout_s: float = 15.0, every_s: float = 0.05
+    probe: Callable[[], Awaitable[T] | T],
+    timeout_s: float = 15.0,
+    every_s: float = 0.05,
 ) -> T:
     """Poll `probe` (sync or async) until it gives something truthy."""
     deadline = time.monotonic() + timeout_s
@@ -231,8 +235,18 @@ class Process:
     def start(self, env: dict[str, str] | None = None) -> Process:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokend", "run", "--config", str(self.config_path),
-             "--log-format", "json", "--log-level", "debug"],
+            [
+                sys.executable,
+                "-m",
+                "tokend",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -169,7 +169,9 @@ async def test_rows_without_lifecycle_are_backfilled_at_start(world: World) -> N
             assert lifecycle["lastScheduleSource"] == "backfill"
             assert lifecycle["status"] == "scheduled"
             expires = (await world.credentials(key)).expires_at
-            assert parse_iso(lifecycle["expiresAt"], "") == pytest.approx(expires, abs=0.01)
+            assert parse_iso(lifecycle["expiresAt"], "") == pytest.approx(
+                expires, abs=0.01
+            )
             entry = daemon.schedule.get(key)
             assert entry is not None
             assert entry.deadline == pytest.approx(expires - 600, abs=1)
@@ -180,7 +182,9 @@ async def test_malformed_notifications_are_counted_and_harmless(world: World) ->
     unknown_event = metrics.notifications.labels("unknown", "malformed")
     wrong_types = metrics.notifications.labels("connected", "malformed")
     unknown_row = metrics.notifications.labels("connected", "unknown")
-    before = [c._value.get() for c in (malformed, unknown_event, wrong_types, unknown_row)]
+    before = [
+        c._value.get() for c in (malformed, unknown_event, wrong_types, unknown_row)
+    ]
     async with running(world.config()) as daemon:
         for payload in (
             "not json",
@@ -194,7 +198,9 @@ async def test_malformed_notifications_are_counted_and_harmless(world: World) ->
         key = await world.connect()
         await eventually(lambda: bool(world.refreshes()))
         assert daemon.leader.role == "leader"
-    after = [c._value.get() for c in (malformed, unknown_event, wrong_types, unknown_row)]
+    after = [
+        c._value.get() for c in (malformed, unknown_event, wrong_types, unknown_row)
+    ]
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1, 1]
     assert key is not None
 

@@ -26,7 +26,9 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tokend", description="Keeps OAuth2 tokens fresh.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
 
     run = commands.add_parser("run", help="run the daemon")
     _config_arg(run)
@@ -132,7 +134,10 @@ def _demo(args: argparse.Namespace) -> int:
     from tokend import demo
 
     if args.integrations < 1 or args.token_lifetime < 10:
-        print("tokend: --integrations must be >= 1 and --token-lifetime >= 10", file=sys.stderr)
+        print(
+            "tokend: --integrations must be >= 1 and --token-lifetime >= 10",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     return demo.run(
         integrations=args.integrations,

@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from tokend.errors import ConfigError, ConfigErrors
 
@@ -238,15 +238,16 @@ class _Loader:
         if not isinstance(table, dict):
             self.errors.append(ConfigError(path, "expected a table"))
             table = {}
-        secret_keys = {f.name for f in fields(cls) if f.metadata.get("secret")}
-        allowed = {f.name for f in fields(cls)} | {
+        declared = fields(cast(Any, cls))
+        secret_keys = {f.name for f in declared if f.metadata.get("secret")}
+        allowed = {f.name for f in declared} | {
             f"{name}_{suffix}" for name in secret_keys for suffix in ("env", "file")
         }
         for key in table:
             if key not in allowed:
                 self.errors.append(ConfigError(f"{path}.{key}", "unknown key"))
         values = {}
-        for f in fields(cls):  # type: ignore[arg-type]
+        for f in declared:
             if f.metadata.get("secret"):
                 values[f.name] = self.secret(table, f.name, path, f.metadata)
             elif f.name in table:
@@ -347,8 +348,9 @@ def _cross_checks(config: Config) -> list[ConfigError]:
         errors.append(
             ConfigError(
                 "leader.heartbeat_timeout_s",
-                f"must be shorter than leader.heartbeat_interval_s "
-                f"({leader.heartbeat_interval_s:g}), got {leader.heartbeat_timeout_s:g}",
+                "must be shorter than leader.heartbeat_interval_s "
+                f"({leader.heartbeat_interval_s:g}), "
+                f"got {leader.heartbeat_timeout_s:g}",
             )
         )
     if leader.lease_s <= leader.heartbeat_interval_s:
@@ -359,9 +361,7 @@ def _cross_checks(config: Config) -> list[ConfigError]:
             )
         )
     if config.retry.max_s < config.retry.initial_s:
-        errors.append(
-            ConfigError("retry.max_s", "must be at least retry.initial_s")
-        )
+        errors.append(ConfigError("retry.max_s", "must be at least retry.initial_s"))
     return errors
 
 
@@ -371,7 +371,9 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
     except OSError as exc:
-        raise ConfigErrors([ConfigError(str(path), f"cannot read: {exc.strerror}")])
+        error = ConfigError(str(path), f"cannot read: {exc.strerror}")
+        raise ConfigErrors([error]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigErrors([ConfigError(str(path), f"invalid TOML: {exc}")])
+        error = ConfigError(str(path), f"invalid TOML: {exc}")
+        raise ConfigErrors([error]) from None
     return parse(data, os.environ if env is None else env, str(path))

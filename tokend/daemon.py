@@ -17,12 +17,12 @@ import aiohttp
 import anyio
 import asyncpg
 
-from tokend import metrics
+from tokend import metrics, policy
 from tokend.config import Config
+from tokend.db import Conn, create_pool
 from tokend.dispatcher import Dispatcher
 from tokend.leader import Leader
-from tokend.lifecycle import SCHEDULABLE, parse_iso, LifecycleInvalid
-from tokend import policy
+from tokend.lifecycle import SCHEDULABLE, LifecycleInvalid, parse_iso
 from tokend.listener import Listener
 from tokend.refresher import Refresher
 from tokend.schedule import Schedule
@@ -32,41 +32,21 @@ from tokend.store import IntegrationKey, LoadedRow, Store
 logger = logging.getLogger(__name__)
 
 
-async def create_pool(config: Config) -> asyncpg.Pool:
-    db = config.database
-    pool = await asyncpg.create_pool(
-        db.dsn,
-        min_size=1,
-        max_size=db.pool_size,
-        timeout=db.connect_timeout_s,
-        # Bounds every statement on the client too: a partitioned server
-        # must not hang a refresh forever.
-        command_timeout=db.statement_timeout_s,
-        server_settings={
-            "application_name": "tokend",
-            "statement_timeout": f"{int(db.statement_timeout_s * 1000)}ms",
-            # A refresh holds its transaction across one HTTP call; anything
-            # idle much longer is a stuck client and is cut by the server.
-            "idle_in_transaction_session_timeout": "120s",
-        },
-    )
-    assert pool is not None
-    return pool
-
-
-def secret_store(
-    config: Config, pool: asyncpg.Pool | asyncpg.Connection
-) -> PostgresSecretStore:
+def secret_store(config: Config, pool: asyncpg.Pool | Conn) -> PostgresSecretStore:
     s = config.secrets
     assert s.key is not None
-    return PostgresSecretStore(pool, Cipher({s.key_id: decode_key(s.key, s.key_id)}, s.key_id))
+    return PostgresSecretStore(
+        pool, Cipher({s.key_id: decode_key(s.key, s.key_id)}, s.key_id)
+    )
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.schedule = Schedule()
-        self.store = Store(config.database.integrations_table, config.notify.events_channel)
+        self.store = Store(
+            config.database.integrations_table, config.notify.events_channel
+        )
         self.leader = Leader(
             config.database.dsn,
             config.leader,
@@ -79,6 +59,7 @@ class Daemon:
         self.status_counts: dict[str, int] = {}
         self._stop = anyio.Event()
         self._dispatcher: Dispatcher | None = None
+        self._term_ended = anyio.Event()
         self.refresher: Refresher | None = None
 
     def stop(self) -> None:
@@ -92,7 +73,9 @@ class Daemon:
         timeout = aiohttp.ClientTimeout(total=60)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         try:
-            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            async with aiohttp.ClientSession(
+                timeout=timeout, connector=connector
+            ) as session:
                 self.refresher = Refresher(
                     self.config,
                     pool,
@@ -113,13 +96,12 @@ class Daemon:
                 await pool.close()
 
     async def _drain(self) -> None:
-        """Wait for the term to hand back in-flight work within the grace."""
-        grace = self.config.daemon.shutdown_grace_s
-        with anyio.move_on_after(grace + 1):
-            while self._dispatcher is not None and self._dispatcher.in_flight:
-                await anyio.sleep(0.05)
+        """Let a running term hand back its in-flight work within the grace."""
+        if self._dispatcher is not None:
+            with anyio.move_on_after(self.config.daemon.shutdown_grace_s + 1):
+                await self._term_ended.wait()
 
-    async def _term(self, conn: asyncpg.Connection) -> None:
+    async def _term(self, conn: Conn) -> None:
         assert self.refresher is not None
         self.schedule.clear()
         listener = Listener(
@@ -130,6 +112,7 @@ class Daemon:
         await listener.attach(conn, self.config.notify.channel)
         dispatcher = Dispatcher(self.config, self.schedule, self.refresher)
         self._dispatcher = dispatcher
+        self._term_ended = anyio.Event()
         if self._stop.is_set():
             return
         try:
@@ -142,6 +125,7 @@ class Daemon:
         finally:
             self._dispatcher = None
             self.schedule.clear()
+            self._term_ended.set()
 
     async def _resync_loop(self) -> None:
         while True:
@@ -181,7 +165,9 @@ class Daemon:
             },
         )
 
-    def _load_row(self, row: LoadedRow, now: float, backfill: list[IntegrationKey]) -> None:
+    def _load_row(
+        self, row: LoadedRow, now: float, backfill: list[IntegrationKey]
+    ) -> None:
         if row.status is None:
             backfill.append(row.key)
             return

@@ -98,8 +98,8 @@ async def _demo(
     events: Counter[str] = Counter()
     started = time.monotonic()
 
-    def on_event(_: Any, __: int, ___: str, payload: str) -> None:
-        event = orjson.loads(payload)
+    def on_event(_: object, __: int, ___: str, payload: object) -> None:
+        event = orjson.loads(str(payload))
         events[event["type"]] += 1
         if not as_json:
             _print_event(event, time.monotonic() - started)

@@ -37,7 +37,9 @@ class RateLimit:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, schedule: Schedule, refresher: Refresher) -> None:
+    def __init__(
+        self, config: Config, schedule: Schedule, refresher: Refresher
+    ) -> None:
         self.config = config
         self.schedule = schedule
         self.refresher = refresher

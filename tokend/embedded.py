@@ -56,9 +56,8 @@ class EmbeddedPostgres:
         if result.returncode != 0:
             log = self.base / "postgres.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
-            raise RuntimeError(
-                f"{args[0]} failed ({result.returncode}): {result.stderr.strip()}\n{tail}"
-            )
+            problem = f"{args[0]} failed ({result.returncode})"
+            raise RuntimeError(f"{problem}: {result.stderr.strip()}\n{tail}")
 
     def _prepare(self) -> None:
         if self.user is None:
@@ -75,8 +74,14 @@ class EmbeddedPostgres:
         self._prepare()
         if not (self.data / "PG_VERSION").exists():
             self._run(
-                "initdb", "-D", str(self.data), "-U", "postgres",
-                "--auth=trust", "--encoding=UTF8", "--no-sync",
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
             )
         options = " ".join(
             [
@@ -91,8 +96,17 @@ class EmbeddedPostgres:
             ]
         )
         self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.base / "postgres.log"),
-            "-o", options, "-w", "-t", "60", "start",
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.base / "postgres.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
         return self
 

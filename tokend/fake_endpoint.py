@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import secrets
 import time
 from collections import deque
@@ -145,10 +146,8 @@ class FakeTokenEndpoint:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        assert server is not None
-        bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
-        self.url = f"http://{host}:{bound[1]}"
+        bound_port = self._runner.addresses[0][1]
+        self.url = f"http://{host}:{bound_port}"
         return self.url
 
     async def stop(self) -> None:
@@ -232,8 +231,12 @@ class FakeTokenEndpoint:
         return _json(
             200,
             {
-                "refresh_token_valid": self.refresh_token_valid(doc.get("refresh_token", "")),
-                "access_token_valid": self.access_token_valid(doc.get("access_token", "")),
+                "refresh_token_valid": self.refresh_token_valid(
+                    doc.get("refresh_token", "")
+                ),
+                "access_token_valid": self.access_token_valid(
+                    doc.get("access_token", "")
+                ),
             },
         )
 
@@ -265,10 +268,8 @@ def main() -> None:
     parser.add_argument("--expires-in", type=int, default=3600)
     parser.add_argument("--grace", type=float, default=0.0)
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

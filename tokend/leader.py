@@ -22,6 +22,7 @@ import asyncpg
 
 from tokend import metrics
 from tokend.config import LeaderConfig
+from tokend.db import CONNECTION_ERRORS
 from tokend.errors import NotLeader
 from tokend.keys import leader_key
 
@@ -38,15 +39,6 @@ SELECT EXISTS (
        pg_is_in_recovery() AS in_recovery,
        $3 = ANY (SELECT pg_listening_channels()) AS listening
 """
-
-# Errors that mean "this connection or server is not usable now".
-CONNECTION_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    NotLeader,
-)
 
 
 class Backoff:
@@ -169,6 +161,7 @@ class Leader:
             started = time.monotonic()
             with anyio.fail_after(c.heartbeat_timeout_s):
                 row = await conn.fetchrow(_HEARTBEAT, classid, objid, self.channel)
+            assert row is not None  # the query always returns one row
             if not row["held"]:
                 raise NotLeader("pg_locks no longer shows the leader lock as ours")
             if row["in_recovery"]:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from uuid import UUID
 
 import anyio
-import asyncpg
 import orjson
 
 from tokend import metrics
+from tokend.db import Conn
 from tokend.refresher import Refresher
 from tokend.store import IntegrationKey
 
@@ -63,7 +63,7 @@ class Listener:
     def __init__(
         self,
         refresher: Refresher,
-        resync: Callable[[], Awaitable[None]],
+        resync: Callable[[], Coroutine[Any, Any, None]],
         *,
         refresh_now_interval_s: float = 60.0,
         concurrency: int = 8,
@@ -79,15 +79,15 @@ class Listener:
         self._last_refresh_now: dict[IntegrationKey, float] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
 
-    async def attach(self, conn: asyncpg.Connection, channel: str) -> None:
+    async def attach(self, conn: Conn, channel: str) -> None:
         await conn.add_listener(channel, self._on_notify)
 
-    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
         # Runs inside asyncpg's protocol: queue and return, nothing more.
         if len(self._queue) >= MAX_QUEUED:
             self._overflowed = True
         else:
-            self._queue.append(payload)
+            self._queue.append(str(payload))
         self._ready.set()
 
     async def run(self) -> None:
@@ -149,7 +149,9 @@ class Listener:
     async def _handle(self, event: str, key: IntegrationKey) -> str:
         refresher = self.refresher
         if event == "connected":
-            return await refresher.reschedule(key, "oauth_connected", clear_reconnect=True)
+            return await refresher.reschedule(
+                key, "oauth_connected", clear_reconnect=True
+            )
         if event == "reset":
             return await refresher.reschedule(key, "reconnected", clear_reconnect=True)
         if event == "refreshed":

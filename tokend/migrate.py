@@ -49,7 +49,10 @@ async def migrate(
             "SELECT pg_advisory_xact_lock($1)", lock_key("tokend.migrate")
         )
         await conn.execute(_VERSION_TABLE)
-        done = {r["name"] for r in await conn.fetch("SELECT name FROM tokend_schema_version")}
+        done = {
+            r["name"]
+            for r in await conn.fetch("SELECT name FROM tokend_schema_version")
+        }
         for name in wanted:
             if name in done:
                 continue

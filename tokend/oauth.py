@@ -148,8 +148,12 @@ def classify(
             "an operator must fix the provider's client credentials",
             status,
         )
-    retry_after_s = parse_retry_after(retry_after, now) if status in (429, 503) else None
-    return Outcome("transient", code or f"http_{status}", message, status, retry_after_s)
+    retry_after_s = (
+        parse_retry_after(retry_after, now) if status in (429, 503) else None
+    )
+    return Outcome(
+        "transient", code or f"http_{status}", message, status, retry_after_s
+    )
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

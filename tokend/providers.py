@@ -44,7 +44,11 @@ class Provider:
             raise TokenURLRefused("the integration has no instance_url")
         base = self._origin(instance_url, "instance_url")
         host = urlsplit(base).hostname or ""
-        if base.startswith("https://") and host in NINJAONE_HOSTS and ":" not in base[8:]:
+        if (
+            base.startswith("https://")
+            and host in NINJAONE_HOSTS
+            and ":" not in base[8:]
+        ):
             return base + self.config.token_path
         if self._loopback_allowed(base):
             return base + self.config.token_path

@@ -12,7 +12,6 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import anyio
@@ -21,6 +20,7 @@ import asyncpg
 from tokend import metrics, oauth, policy
 from tokend.config import Config
 from tokend.credentials import Credentials, CredentialsInvalid
+from tokend.db import Conn
 from tokend.errors import SecretError, TokenURLRefused
 from tokend.lifecycle import Failure, Lifecycle
 from tokend.providers import Provider
@@ -122,7 +122,7 @@ class Refresher:
         return outcome
 
     async def _refresh_locked(
-        self, conn: asyncpg.Connection, row: Row | None, due: Due, work: _Work
+        self, conn: Conn, row: Row | None, due: Due, work: _Work
     ) -> None:
         current = self._current(row)
         if row is None or current is None:
@@ -156,7 +156,7 @@ class Refresher:
 
     async def _call(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row,
         current: Lifecycle,
         found: Secrets,
@@ -167,7 +167,8 @@ class Refresher:
         now = time.time()
         metrics.token_remaining.observe(max(0.0, found.credentials.expires_at - now))
         logger.info(
-            "refresh started", extra=row.key.log(provider=row.provider, nonce=current.schedule_nonce)
+            "refresh started",
+            extra=row.key.log(provider=row.provider, nonce=current.schedule_nonce),
         )
         grant = oauth.Grant(
             url=url,
@@ -189,7 +190,7 @@ class Refresher:
 
     async def _record(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row,
         current: Lifecycle,
         found: Secrets,
@@ -202,7 +203,9 @@ class Refresher:
         attempt = current.replace(last_refresh_attempt_at=now)
         if outcome.kind == "success":
             assert outcome.tokens is not None
-            await self._succeeded(conn, row, attempt, found.credentials, outcome.tokens, work)
+            await self._succeeded(
+                conn, row, attempt, found.credentials, outcome.tokens, work
+            )
         elif outcome.kind == "reconnect_required":
             await self._rejected(conn, row, attempt, found.credentials, outcome, work)
         elif outcome.kind == "client_rejected":
@@ -213,7 +216,7 @@ class Refresher:
 
     async def _succeeded(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row,
         current: Lifecycle,
         old: Credentials,
@@ -228,7 +231,9 @@ class Refresher:
         if tokens.token_type and tokens.token_type.lower() != "bearer":
             logger.warning(
                 "token endpoint sent a token_type other than bearer; stored as is",
-                extra=row.key.log(provider=row.provider, token_type=tokens.token_type[:32]),
+                extra=row.key.log(
+                    provider=row.provider, token_type=tokens.token_type[:32]
+                ),
             )
         rotated = Credentials(
             access_token=tokens.access_token,
@@ -260,7 +265,7 @@ class Refresher:
 
     async def _rejected(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row,
         current: Lifecycle,
         sent: Credentials,
@@ -278,7 +283,9 @@ class Refresher:
                 "refresh token rotated by another party; rescheduling",
                 extra=row.key.log(provider=row.provider),
             )
-            await self._plan(conn, row, current, again.credentials, "lazy_refresh_success", work)
+            await self._plan(
+                conn, row, current, again.credentials, "lazy_refresh_success", work
+            )
             return
         now = time.time()
         failure = self._failure(outcome, now)
@@ -296,12 +303,16 @@ class Refresher:
         await self._commit(conn, row, lifecycle, [event], "reconnect_required", work)
         logger.warning(
             "reconnect required: the refresh token was rejected",
-            extra=row.key.log(provider=row.provider, error_code=outcome.code, http_status=outcome.http_status),
+            extra=row.key.log(
+                provider=row.provider,
+                error_code=outcome.code,
+                http_status=outcome.http_status,
+            ),
         )
 
     async def _retry(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row,
         current: Lifecycle,
         sent: Credentials,
@@ -310,7 +321,9 @@ class Refresher:
     ) -> None:
         now = time.time()
         failures = current.consecutive_failures + 1
-        delay = policy.backoff(failures, self.config.retry, self.rng, outcome.retry_after_s)
+        delay = policy.backoff(
+            failures, self.config.retry, self.rng, outcome.retry_after_s
+        )
         lifecycle = current.replace(
             status="retrying",
             schedule_nonce=current.schedule_nonce + 1,
@@ -379,7 +392,7 @@ class Refresher:
         return "inactive"
 
     async def _deactivate_locked(
-        self, conn: asyncpg.Connection, row: Row, current: Lifecycle, work: _Work
+        self, conn: Conn, row: Row, current: Lifecycle, work: _Work
     ) -> None:
         lifecycle = current.replace(
             status="inactive",
@@ -391,7 +404,7 @@ class Refresher:
 
     async def _reschedule_locked(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row | None,
         source: str,
         clear_reconnect: bool,
@@ -428,7 +441,7 @@ class Refresher:
 
     async def _plan(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row,
         current: Lifecycle,
         credentials: Credentials,
@@ -472,7 +485,7 @@ class Refresher:
             )
         return Provider(row.provider, config)
 
-    async def _read_secrets(self, conn: asyncpg.Connection, row: Row) -> Secrets:
+    async def _read_secrets(self, conn: Conn, row: Row) -> Secrets:
         provider = self._provider(row).config
         tenant = row.key.tenant
         ids = (provider.client_id_secret, provider.client_secret_secret)
@@ -513,7 +526,7 @@ class Refresher:
 
     async def _unschedulable(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row,
         current: Lifecycle,
         error: Unschedulable,
@@ -542,7 +555,9 @@ class Refresher:
             self._reported[row.key] = error.code
             logger.warning(
                 "integration unschedulable",
-                extra=row.key.log(provider=row.provider, code=error.code, reason=error.message),
+                extra=row.key.log(
+                    provider=row.provider, code=error.code, reason=error.message
+                ),
             )
 
     def _deadline(self, expires_at: float, now: float) -> float:
@@ -585,14 +600,16 @@ class Refresher:
             key=row.key,
             provider=row.provider,
             expires_at=expires_at,
-            retryable=outcome.retryable if outcome and not error else (False if error else None),
+            retryable=outcome.retryable
+            if outcome and not error
+            else (False if error else None),
             error_code=code,
             error_message=message,
         )
 
     async def _commit(
         self,
-        conn: asyncpg.Connection,
+        conn: Conn,
         row: Row,
         lifecycle: Lifecycle,
         events: list[Event],
@@ -620,7 +637,10 @@ class Refresher:
             return
         if lifecycle.schedulable and lifecycle.next_refresh_at is not None:
             self.schedule.put(
-                work.key, lifecycle.next_refresh_at, lifecycle.schedule_nonce, work.provider
+                work.key,
+                lifecycle.next_refresh_at,
+                lifecycle.schedule_nonce,
+                work.provider,
             )
         else:
             self.schedule.drop(work.key, lifecycle.schedule_nonce)

@@ -23,7 +23,9 @@ from tokend.logs import configure_logging, set_level
 logger = logging.getLogger(__name__)
 
 
-def run(config: Config, *, log_format: str | None = None, log_level: str | None = None) -> int:
+def run(
+    config: Config, *, log_format: str | None = None, log_level: str | None = None
+) -> int:
     configure_logging(log_level or config.log.level, log_format or config.log.format)
     return anyio.run(_main, config, backend_options={"use_uvloop": True})
 
@@ -46,7 +48,9 @@ async def _main(config: Config) -> int:
 
 async def _signals(daemon: Daemon) -> None:
     stopping = False
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+    with anyio.open_signal_receiver(
+        signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+    ) as received:
         async for signum in received:
             if signum == signal.SIGHUP:
                 reload(daemon)
@@ -65,8 +69,10 @@ def reload(daemon: Daemon) -> bool:
         new = config_module.load(daemon.config.source)
     except ConfigErrors as exc:
         metrics.config_reloads.labels("failure").inc()
-        logger.error("config reload rejected; keeping the running config",
-                     extra={"errors": [str(e) for e in exc.errors]})
+        logger.error(
+            "config reload rejected; keeping the running config",
+            extra={"errors": [str(e) for e in exc.errors]},
+        )
         return False
     set_level(new.log.level)
     daemon.config = new

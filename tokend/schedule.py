@@ -44,7 +44,9 @@ class Schedule:
     def __contains__(self, key: IntegrationKey) -> bool:
         return key in self._live
 
-    def put(self, key: IntegrationKey, deadline: float, nonce: int, provider: str) -> bool:
+    def put(
+        self, key: IntegrationKey, deadline: float, nonce: int, provider: str
+    ) -> bool:
         """Schedule `key`; False (and no change) if a newer nonce is known."""
         if nonce < self._nonces.get(key, -1):
             return False

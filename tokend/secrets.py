@@ -17,6 +17,7 @@ import asyncpg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tokend.db import Conn
 from tokend.errors import ConfigError, SecretError
 
 APP = UUID(int=0)
@@ -32,7 +33,7 @@ class SecretStore(Protocol):
     """
 
     async def get_many(
-        self, keys: Iterable[SecretKey], *, conn: asyncpg.Connection | None = None
+        self, keys: Iterable[SecretKey], *, conn: Conn | None = None
     ) -> dict[SecretKey, bytes]: ...
 
     async def put(
@@ -41,7 +42,7 @@ class SecretStore(Protocol):
         name: str,
         value: bytes,
         *,
-        conn: asyncpg.Connection | None = None,
+        conn: Conn | None = None,
     ) -> None: ...
 
 
@@ -50,7 +51,8 @@ def decode_key(text: str, key_id: str) -> bytes:
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ConfigError("secrets.key", f"key {key_id!r} is not valid base64")
+        problem = f"key {key_id!r} is not valid base64"
+        raise ConfigError("secrets.key", problem) from None
     if len(key) != 32:
         raise ConfigError(
             "secrets.key", f"key {key_id!r} must be 32 bytes, got {len(key)}"
@@ -71,7 +73,9 @@ class Cipher:
     def _aad(tenant: UUID, name: str) -> bytes:
         return tenant.bytes + name.encode()
 
-    def encrypt(self, tenant: UUID, name: str, value: bytes) -> tuple[str, bytes, bytes]:
+    def encrypt(
+        self, tenant: UUID, name: str, value: bytes
+    ) -> tuple[str, bytes, bytes]:
         nonce = os.urandom(12)
         sealed = self._keys[self.current].encrypt(nonce, value, self._aad(tenant, name))
         return self.current, nonce, sealed
@@ -113,13 +117,13 @@ ON CONFLICT (tenant, name) DO UPDATE SET
 class PostgresSecretStore:
     """Secrets encrypted in the `tokend_secrets` table."""
 
-    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, cipher: Cipher) -> None:
+    def __init__(self, pool: asyncpg.Pool | Conn, cipher: Cipher) -> None:
         # A pool for the daemon; one connection will do for tools and seeding.
         self._pool = pool
         self.cipher = cipher
 
     async def get_many(
-        self, keys: Iterable[SecretKey], *, conn: asyncpg.Connection | None = None
+        self, keys: Iterable[SecretKey], *, conn: Conn | None = None
     ) -> dict[SecretKey, bytes]:
         wanted = list(keys)
         tenants = [tenant for tenant, _ in wanted]
@@ -144,7 +148,7 @@ class PostgresSecretStore:
         name: str,
         value: bytes,
         *,
-        conn: asyncpg.Connection | None = None,
+        conn: Conn | None = None,
     ) -> None:
         key_id, nonce, sealed = self.cipher.encrypt(tenant, name, value)
         if conn is None:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from uuid import UUID
 
-import asyncpg
 import orjson
 
+from tokend.db import Conn
 from tokend.keys import integration_key
 from tokend.lifecycle import Lifecycle, LifecycleInvalid, iso
 
@@ -33,7 +33,11 @@ class IntegrationKey(NamedTuple):
 
     def log(self, **more: Any) -> dict[str, Any]:
         """Context fields for a log line about this integration."""
-        return {"tenant": str(self.tenant), "integration_id": str(self.integration_id), **more}
+        return {
+            "tenant": str(self.tenant),
+            "integration_id": str(self.integration_id),
+            **more,
+        }
 
 
 @dataclass(frozen=True)
@@ -118,21 +122,19 @@ class Store:
             SELECT pg_notify($6, (SELECT payload::text FROM e))"""
 
     async def load_active(
-        self, conn: asyncpg.Connection, batch: int = 10000
+        self, conn: Conn, batch: int = 10000
     ) -> AsyncIterator[list[LoadedRow]]:
         """Stream every active integration in batches; reads no secrets."""
         async with conn.transaction(readonly=True):
             cursor = await conn.cursor(self._load)
             while rows := await cursor.fetch(batch):
-                yield [
-                    LoadedRow(IntegrationKey(r[0], r[1]), *r[2:]) for r in rows
-                ]
+                yield [LoadedRow(IntegrationKey(r[0], r[1]), *r[2:]) for r in rows]
 
-    async def status_counts(self, conn: asyncpg.Connection) -> dict[str, int]:
+    async def status_counts(self, conn: Conn) -> dict[str, int]:
         """Active integrations by lifecycle status ('none' before backfill)."""
         return {status: n for status, n in await conn.fetch(self._counts)}
 
-    async def read(self, conn: asyncpg.Connection, key: IntegrationKey) -> Row | None:
+    async def read(self, conn: Conn, key: IntegrationKey) -> Row | None:
         record = await conn.fetchrow(self._read, key.tenant, key.integration_id)
         if record is None:
             return None
@@ -152,7 +154,7 @@ class Store:
         )
 
     async def write_lifecycle(
-        self, conn: asyncpg.Connection, key: IntegrationKey, lifecycle: Lifecycle
+        self, conn: Conn, key: IntegrationKey, lifecycle: Lifecycle
     ) -> bool:
         """Store the lifecycle; False if the row is gone or its settings are
         not a JSON object (the host's data is then left as it is)."""
@@ -166,7 +168,7 @@ class Store:
         )
         return False
 
-    async def emit(self, conn: asyncpg.Connection, event: Event) -> None:
+    async def emit(self, conn: Conn, event: Event) -> None:
         """Outbox row plus NOTIFY, both taking effect at the caller's commit
         (so the caller counts it in metrics only after committing)."""
         payload = orjson.dumps(event.payload(time.time())).decode()

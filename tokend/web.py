@@ -26,7 +26,8 @@ def _json(doc: object, status: int = 200) -> web.Response:
 def application(daemon: Daemon) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=generate_latest(REGISTRY),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
 
     async def healthz(_: web.Request) -> web.Response:

@@ -1,0 +1,45 @@
+"""Postgres plumbing shared by every part: the pool and connection types."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from tokend.config import Config
+from tokend.errors import NotLeader
+
+# A connection of our own, or one borrowed from the pool.
+Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+# Errors that mean "this connection or server is not usable now".
+CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    NotLeader,
+)
+
+
+async def create_pool(config: Config) -> asyncpg.Pool:
+    db = config.database
+    pool = await asyncpg.create_pool(
+        db.dsn,
+        min_size=1,
+        max_size=db.pool_size,
+        timeout=db.connect_timeout_s,
+        # Bounds every statement on the client too: a partitioned server
+        # must not hang a refresh forever.
+        command_timeout=db.statement_timeout_s,
+        server_settings={
+            "application_name": "tokend",
+            "statement_timeout": f"{int(db.statement_timeout_s * 1000)}ms",
+            # A refresh holds its transaction across one HTTP call; anything
+            # idle much longer is a stuck client and is cut by the server.
+            "idle_in_transaction_session_timeout": "120s",
+        },
+    )
+    assert pool is not None
+    return pool
