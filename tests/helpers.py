@@ -233,24 +233,24 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, env: dict[str, str] | None = None) -> Process:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tokend",
-                "run",
-                "--config",
-                str(self.config_path),
-                "--log-format",
-                "json",
-                "--log-level",
-                "debug",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tokend",
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                    "--log-format",
+                    "json",
+                    "--log-level",
+                    "debug",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
         return self
 
     def signal(self, signum: int) -> None:
