@@ -7,6 +7,7 @@ import base64
 import inspect
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import anyio
 import asyncpg
 import orjson
@@ -224,15 +226,34 @@ async def running(config: Config) -> AsyncIterator[Daemon]:
             daemon.stop()
 
 
-class Process:
-    """`tokend run` as a real process with its own config file."""
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (for a moment, at least)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+
+class Process:
+    """`tokend run` as a real process with its own config file.
+
+    With `http_port`, the config must listen there; `get` then asks it.
+    """
+
+    def __init__(
+        self, config_path: Path, log_path: Path, http_port: int | None = None
+    ) -> None:
         self.config_path = config_path
         self.log_path = log_path
+        self.http_port = http_port
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, env: dict[str, str] | None = None) -> Process:
+    def start(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        args: tuple[str, ...] = ("--log-format", "json", "--log-level", "debug"),
+        stderr: int | None = None,
+    ) -> Process:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -242,16 +263,18 @@ class Process:
                     "run",
                     "--config",
                     str(self.config_path),
-                    "--log-format",
-                    "json",
-                    "--log-level",
-                    "debug",
+                    *args,
                 ],
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.STDOUT if stderr is None else stderr,
                 env={**os.environ, **(env or {})},
             )
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -265,10 +288,39 @@ class Process:
         assert self.proc is not None
         return self.proc.wait(timeout_s)
 
+    async def exited(self, timeout_s: float) -> int:
+        """The exit status, waiting without blocking the test's event loop
+        (which may serve the process's token endpoint)."""
+        assert self.proc is not None
+        proc = self.proc
+        await eventually(lambda: proc.poll() is not None, timeout_s)
+        return proc.returncode
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        """GET from the process's HTTP port: status and JSON (or text)."""
+        assert self.http_port is not None
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url) as response,
+        ):
+            body = await response.read()
+            if response.content_type == "application/json":
+                return response.status, orjson.loads(body)
+            return response.status, body.decode()
+
+    async def answers(self, path: str) -> tuple[int, Any] | None:
+        """Like get, None while nothing listens yet."""
+        try:
+            return await self.get(path)
+        except aiohttp.ClientConnectionError:
+            return None
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []
@@ -278,3 +330,7 @@ class Process:
             except orjson.JSONDecodeError:
                 lines.append({"message": raw.decode(errors="replace")})
         return lines
+
+    def said(self, message: str) -> list[dict[str, Any]]:
+        """The log lines with this message."""
+        return [line for line in self.log_lines() if line.get("message") == message]

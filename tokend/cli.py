@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from tokend.errors import ConfigErrors, TokendError
+
+if TYPE_CHECKING:
+    from tokend.store import IntegrationKey
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +26,55 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"tokend: {message}\n")
 
 
+# Options the environment may give when the command line does not, one table
+# for every command: variable and allowed values (None: any).
+ENV_OPTIONS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "config": ("TOKEND_CONFIG", None),
+    "log_format": ("TOKEND_LOG_FORMAT", ("auto", "json", "text")),
+    "log_level": ("TOKEND_LOG_LEVEL", ("debug", "info", "warning", "error")),
+}
+NOTIFY_EVENTS = ("connected", "disconnected", "refreshed", "reset", "refresh_now")
+
+
 def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, help="TOML config file")
+    parser.add_argument("--config", "-c", help="TOML config file (TOKEND_CONFIG)")
+
+
+def _from_env(args: argparse.Namespace) -> str | None:
+    """Fill options the command line left out from the environment; a usage
+    error naming the variable if its value is not allowed."""
+    for dest, (variable, allowed) in ENV_OPTIONS.items():
+        if getattr(args, dest, "") is not None or variable not in os.environ:
+            continue
+        value = os.environ[variable]
+        if allowed is not None and value not in allowed:
+            return f"{variable}: expected one of {', '.join(allowed)}, got {value!r}"
+        setattr(args, dest, value)
+    if getattr(args, "config", "") is None:
+        return "--config is required (or set TOKEND_CONFIG)"
+    return None
+
+
+def _uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a uuid: {text!r}") from None
+
+
+def _integration_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--tenant", type=_uuid, required=required, metavar="UUID")
+    parser.add_argument("--integration", type=_uuid, required=required, metavar="UUID")
+
+
+def _wait_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="seconds to wait for the leader to act (0: only send)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="notify tokend when rmm_integrations.is_active changes",
     )
 
+    status = commands.add_parser(
+        "status", help="integrations by status, next deadlines, what needs a human"
+    )
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--limit", type=int, default=10, help="rows per list")
+
+    notify = commands.add_parser("notify", help="send the leader a notification")
+    _config_arg(notify)
+    notify.add_argument("event", choices=[*NOTIFY_EVENTS, "resync"])
+    _integration_args(notify, required=False)
+
+    reset = commands.add_parser("reset", help="clear reconnect-required")
+    _config_arg(reset)
+    _integration_args(reset)
+    _wait_arg(reset)
+
+    refresh = commands.add_parser(
+        "refresh", help="refresh one integration now, bypassing backoff"
+    )
+    _config_arg(refresh)
+    _integration_args(refresh)
+    _wait_arg(refresh)
+
     demo = commands.add_parser("demo", help="the main job on an embedded default")
     demo.add_argument("--integrations", type=int, default=25)
     demo.add_argument("--token-lifetime", type=float, default=90.0)
@@ -60,11 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _from_env(args)
+    if problem is not None:
+        parser.error(problem)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": _run,
         "check-config": _check_config,
         "migrate": _migrate,
+        "status": _status,
+        "notify": _notify,
+        "reset": _reset,
+        "refresh": _refresh,
         "demo": _demo,
     }
     try:
@@ -72,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigErrors as exc:
         for error in exc.errors:
             print(f"tokend: config: {error}", file=sys.stderr)
+        code = EXIT_USAGE
+    except _UsageError as exc:
+        print(f"tokend: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except TokendError as exc:
         print(f"tokend: {exc}", file=sys.stderr)
@@ -93,7 +181,80 @@ def _run(args: argparse.Namespace) -> int:
     from tokend import config, runner
 
     loaded = config.load(args.config)
-    return runner.run(loaded, log_format=args.log_format, log_level=args.log_level)
+    overrides = runner.Overrides(args.log_format, args.log_level)
+    return runner.run(loaded, overrides)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import anyio
+    import orjson
+
+    from tokend import admin, config
+
+    if args.limit < 1:
+        raise _usage("--limit must be at least 1")
+    doc = anyio.run(admin.status, config.load(args.config), args.limit)
+    if args.json:
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(admin.render_status(doc))
+    return EXIT_OK
+
+
+def _key(args: argparse.Namespace) -> IntegrationKey | None:
+    from tokend.store import IntegrationKey
+
+    if args.tenant is None and args.integration is None:
+        return None
+    if args.tenant is None or args.integration is None:
+        raise _usage("give both --tenant and --integration")
+    return IntegrationKey(args.tenant, args.integration)
+
+
+def _notify(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tokend import admin, config
+
+    key = _key(args)
+    if (key is None) != (args.event == "resync"):
+        raise _usage(
+            "resync takes no integration"
+            if key
+            else f"{args.event} needs --tenant and --integration"
+        )
+    print(anyio.run(admin.notify, config.load(args.config), args.event, key))
+    return EXIT_OK
+
+
+def _reset(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tokend import admin, config
+
+    key = _key(args)
+    assert key is not None  # both options are required
+    print(anyio.run(admin.reset, config.load(args.config), key, args.wait))
+    return EXIT_OK
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tokend import admin, config
+
+    key = _key(args)
+    assert key is not None  # both options are required
+    print(anyio.run(admin.refresh, config.load(args.config), key, args.wait))
+    return EXIT_OK
+
+
+class _UsageError(TokendError):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
 
 
 def _migrate(args: argparse.Namespace) -> int:

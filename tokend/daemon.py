@@ -9,6 +9,7 @@ leadership is lost or the daemon stops.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from typing import Any
@@ -17,19 +18,32 @@ import aiohttp
 import anyio
 import asyncpg
 
-from tokend import metrics, policy
+from tokend import metrics, oauth, policy
 from tokend.config import Config
-from tokend.db import Conn, create_pool
+from tokend.db import CONNECTION_ERRORS, Conn, create_pool
 from tokend.dispatcher import Dispatcher
 from tokend.leader import Leader
-from tokend.lifecycle import SCHEDULABLE, LifecycleInvalid, parse_iso
+from tokend.lifecycle import SCHEDULABLE, STATUSES, LifecycleInvalid, iso, parse_iso
 from tokend.listener import Listener
 from tokend.refresher import Refresher
+from tokend.reload import ReloadRecord, changed_keys, policy_changed, split_reload
 from tokend.schedule import Schedule
 from tokend.secrets import Cipher, PostgresSecretStore, decode_key
 from tokend.store import IntegrationKey, LoadedRow, Store
 
 logger = logging.getLogger(__name__)
+
+# How often the leader recounts integrations by status for the metrics.
+STATS_INTERVAL_S = 15.0
+# How long a reload waits for the leader to recompute every deadline.
+RECOMPUTE_TIMEOUT_S = 60.0
+
+# Failure codes of unschedulable integrations that a change to the provider's
+# config (client credentials, token URLs, a provider added) can cure.
+_CONFIG_FAILURES = sorted(
+    {"provider_not_configured", "client_credentials_missing", "token_url_refused"}
+    | oauth.CLIENT_CODES
+)
 
 
 def secret_store(config: Config, pool: asyncpg.Pool | Conn) -> PostgresSecretStore:
@@ -56,16 +70,41 @@ class Daemon:
         self.rng = random.Random()
         self.started_at = time.time()
         self.last_load: float | None = None
+        self.last_reload: ReloadRecord | None = None
         self.status_counts: dict[str, int] = {}
+        self.tokens_expired = 0
         self._stop = anyio.Event()
         self._dispatcher: Dispatcher | None = None
+        self._listener: Listener | None = None
         self._term_ended = anyio.Event()
         self.refresher: Refresher | None = None
+        # Work a reload hands to the running term (see _maintain).
+        self._maintenance_wanted = anyio.Event()
+        self._maintained = anyio.Event()
+        self._recompute = False
+        self._revive: set[str] = set()
+        # Read at scrape time, so they are never stale.
+        metrics.heap_entries.set_function(lambda: len(self.schedule))
+        metrics.next_deadline.set_function(self._seconds_to_next_deadline)
+        metrics.declare_providers(config.providers)
 
     def stop(self) -> None:
         self._stop.set()
         if self._dispatcher is not None:
             self._dispatcher.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def ready(self) -> bool:
+        """Connected to Postgres, and leader or follower."""
+        leader = self.leader
+        return leader.connected and leader.role in ("leader", "follower")
+
+    @property
+    def in_flight(self) -> int:
+        return self._dispatcher.in_flight if self._dispatcher else 0
 
     async def run(self) -> None:
         """Run until stop(); leadership is released on the way out."""
@@ -98,12 +137,82 @@ class Daemon:
     async def _drain(self) -> None:
         """Let a running term hand back its in-flight work within the grace."""
         if self._dispatcher is not None:
+            logger.info(
+                "draining in-flight refreshes",
+                extra={
+                    "in_flight": self.in_flight,
+                    "grace_s": self.config.daemon.shutdown_grace_s,
+                },
+            )
             with anyio.move_on_after(self.config.daemon.shutdown_grace_s + 1):
                 await self._term_ended.wait()
+
+    # -- reload -----------------------------------------------------------
+
+    async def reload(self, new: Config) -> ReloadRecord:
+        """Apply a validated config without dropping leadership.
+
+        Policy, concurrency, rate limits and provider settings take effect at
+        once, and every deadline is recomputed; settings bound at start are
+        logged as needing a restart and keep their running values.
+        """
+        old = self.config
+        effective, restart = split_reload(old, new)
+        changed = changed_keys(old, effective)
+        self.config = effective
+        if self.refresher is not None:
+            self.refresher.config = effective
+        if self._dispatcher is not None:
+            self._dispatcher.reconfigure(effective)
+        if self._listener is not None:
+            interval = effective.scheduler.refresh_now_interval_s
+            self._listener.refresh_now_interval_s = interval
+        if restart:
+            logger.warning(
+                "config changes need a restart; the running values stay",
+                extra={"keys": restart},
+            )
+        if policy_changed(old, effective):
+            await self._ask_term(recompute=True)
+        providers = [
+            name
+            for name, provider in effective.providers.items()
+            if old.providers.get(name) != provider
+        ]
+        if providers:
+            await self._ask_term(revive=providers)
+        record = ReloadRecord(
+            time.time(), "success", (), tuple(changed), tuple(restart)
+        )
+        self.last_reload = record
+        return record
+
+    def reload_failed(self, errors: list[str]) -> ReloadRecord:
+        self.last_reload = ReloadRecord(time.time(), "failure", tuple(errors))
+        return self.last_reload
+
+    async def _ask_term(
+        self, *, recompute: bool = False, revive: list[str] | None = None
+    ) -> None:
+        """Hand work to the leader's term and wait for it (no-op otherwise:
+        a new term loads everything under the config it starts with)."""
+        if self._dispatcher is None:
+            return
+        self._recompute |= recompute
+        self._revive.update(revive or ())
+        done = self._maintained
+        self._maintenance_wanted.set()
+        with anyio.move_on_after(RECOMPUTE_TIMEOUT_S):
+            await done.wait()
+
+    # -- a term -----------------------------------------------------------
 
     async def _term(self, conn: Conn) -> None:
         assert self.refresher is not None
         self.schedule.clear()
+        # A new term loads everything under the config it starts with.
+        self._recompute, self._revive = False, set()
+        self._maintenance_wanted, self._maintained = anyio.Event(), anyio.Event()
         listener = Listener(
             self.refresher,
             self.resync,
@@ -111,7 +220,7 @@ class Daemon:
         )
         await listener.attach(conn, self.config.notify.channel)
         dispatcher = Dispatcher(self.config, self.schedule, self.refresher)
-        self._dispatcher = dispatcher
+        self._dispatcher, self._listener = dispatcher, listener
         self._term_ended = anyio.Event()
         if self._stop.is_set():
             return
@@ -119,21 +228,85 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listener.run)
                 await self.resync()
-                tg.start_soon(self._resync_loop)
+                tg.start_soon(self._maintain)
+                tg.start_soon(self._stats_loop)
                 await dispatcher.run(self.config.daemon.shutdown_grace_s)
                 tg.cancel_scope.cancel()
         finally:
-            self._dispatcher = None
+            self._dispatcher, self._listener = None, None
             self.schedule.clear()
+            self._clear_gauges()
+            self._maintained.set()
             self._term_ended.set()
 
-    async def _resync_loop(self) -> None:
+    async def _maintain(self) -> None:
+        """Resync every `resync_interval_s`, or at once when a reload asks."""
         while True:
-            await anyio.sleep(self.config.scheduler.resync_interval_s)
-            await self.resync()
+            interval = self.config.scheduler.resync_interval_s
+            with anyio.move_on_after(interval):
+                await self._maintenance_wanted.wait()
+            self._maintenance_wanted = anyio.Event()
+            done, self._maintained = self._maintained, anyio.Event()
+            recompute, self._recompute = self._recompute, False
+            revive, self._revive = sorted(self._revive), set()
+            if revive:
+                await self._revive_stranded(revive)
+            await self.resync(recompute=recompute)
+            done.set()
 
-    async def resync(self) -> None:
-        """Reload every active integration and reconcile the schedule."""
+    async def _stats_loop(self) -> None:
+        while True:
+            await anyio.sleep(STATS_INTERVAL_S)
+            assert self.refresher is not None
+            try:
+                with anyio.fail_after(self.config.database.statement_timeout_s):
+                    async with self.refresher.pool.acquire() as conn:
+                        await self._count(conn)
+            except CONNECTION_ERRORS as exc:
+                # The leader's own connection decides leadership; a failed
+                # count only leaves the gauges as they were.
+                logger.warning(
+                    "integration counts not refreshed", extra={"error": str(exc)}
+                )
+
+    async def _count(self, conn: Conn) -> None:
+        stats = await self.store.stats(conn, time.time())
+        self.status_counts = stats.counts
+        self.tokens_expired = stats.expired
+        for status in (*STATUSES, "none"):
+            metrics.integrations.labels(status).set(stats.counts.get(status, 0))
+        metrics.tokens_expired.set(stats.expired)
+
+    def _clear_gauges(self) -> None:
+        # Only the leader knows these; a follower reporting a former term's
+        # figures would keep alerts firing (the rules take max()).
+        self.status_counts, self.tokens_expired = {}, 0
+        metrics.integrations.clear()
+        metrics.tokens_expired.set(0)
+
+    def _seconds_to_next_deadline(self) -> float:
+        earliest = self.schedule.next_deadline()
+        return math.nan if earliest is None else earliest - time.time()
+
+    async def _revive_stranded(self, providers: list[str]) -> None:
+        """Reschedule integrations a provider's config change may have cured."""
+        assert self.refresher is not None
+        async with self.refresher.pool.acquire() as conn:
+            keys = await self.store.stranded(conn, providers, _CONFIG_FAILURES)
+        for key in keys:
+            await self.refresher.reschedule(key, "resync")
+        if keys:
+            logger.info(
+                "unschedulable integrations rescheduled after a config change",
+                extra={"count": len(keys), "providers": providers},
+            )
+
+    async def resync(self, *, recompute: bool = False) -> None:
+        """Reload every active integration and reconcile the schedule.
+
+        With `recompute` (after a policy change), every deadline still ahead
+        is computed afresh from the lifecycle's expiresAt.
+        """
         assert self.refresher is not None
         started = time.monotonic()
         now = time.time()
@@ -146,18 +319,16 @@ class Daemon:
             async for batch in self.store.load_active(conn):
                 for row in batch:
                     seen.add(row.key)
-                    self._load_row(row, now, backfill)
-            self.status_counts = await self.store.status_counts(conn)
+                    self._load_row(row, now, backfill, recompute)
         for key, nonce in before.items():
             if key not in seen:
                 self.schedule.drop(key, nonce)
         await self._backfill(backfill)
+        async with self.refresher.pool.acquire() as conn:
+            await self._count(conn)
         self.last_load = time.time()
-        for status, count in self.status_counts.items():
-            metrics.integrations.labels(status).set(count)
-        metrics.heap_entries.set(len(self.schedule))
         logger.info(
-            "integrations loaded",
+            "deadlines recomputed" if recompute else "integrations loaded",
             extra={
                 "scheduled": len(self.schedule),
                 "backfilled": len(backfill),
@@ -166,7 +337,11 @@ class Daemon:
         )
 
     def _load_row(
-        self, row: LoadedRow, now: float, backfill: list[IntegrationKey]
+        self,
+        row: LoadedRow,
+        now: float,
+        backfill: list[IntegrationKey],
+        recompute: bool = False,
     ) -> None:
         if row.status is None:
             backfill.append(row.key)
@@ -176,22 +351,30 @@ class Daemon:
             return
         try:
             nonce = int(row.nonce or 0)
-            deadline = parse_iso(row.next_refresh_at, "nextRefreshAt")
-            if deadline is None:
-                expires_at = parse_iso(row.expires_at, "expiresAt")
-                if expires_at is not None:
-                    deadline = policy.deadline(
-                        expires_at, now, self.config.scheduler, self.rng
-                    )
+            stored = parse_iso(row.next_refresh_at, "nextRefreshAt")
+            expires_at = parse_iso(row.expires_at, "expiresAt")
         except (ValueError, LifecycleInvalid):
-            deadline = None
-            nonce = 0
-        if deadline is None:
             backfill.append(row.key)
             return
+        # A retry keeps its backoff; a scheduled deadline follows the policy.
+        by_policy = None
+        if expires_at is not None and row.status == "scheduled":
+            by_policy = policy.deadline(
+                expires_at, now, self.config.scheduler, self.rng
+            )
         current = self.schedule.get(row.key)
-        if current is None or current.nonce != nonce:
-            self.schedule.put(row.key, deadline, nonce, row.provider)
+        if current is not None and current.nonce == nonce:
+            if recompute and by_policy is not None and current.deadline > now:
+                self.schedule.put(row.key, by_policy, nonce, row.provider)
+            return
+        # The stored deadline may come from an older policy (a reload the
+        # previous leader applied, or not): the earlier of the two never lets
+        # a token lapse, and an operator's refresh_now (due now) stays due.
+        candidates = [d for d in (stored, by_policy) if d is not None]
+        if not candidates:
+            backfill.append(row.key)
+            return
+        self.schedule.put(row.key, min(candidates), nonce, row.provider)
 
     async def _backfill(self, keys: list[IntegrationKey]) -> None:
         """Rows without a usable lifecycle: schedule from stored credentials."""
@@ -207,21 +390,40 @@ class Daemon:
             for _ in range(min(len(keys), max(1, self.config.database.pool_size // 2))):
                 tg.start_soon(worker)
 
+    # -- reporting --------------------------------------------------------
+
     def status(self) -> dict[str, Any]:
         upcoming = self.schedule.upcoming(10)
         return {
             "role": self.leader.role,
+            "ready": self.ready(),
             "instance_id": self.config.instance_id,
+            "started_at": iso(self.started_at),
             "scheduled": len(self.schedule),
+            "in_flight": self.in_flight,
             "counts": self.status_counts,
+            "tokens_expired": self.tokens_expired,
             "next": [
                 {
                     "tenant": str(d.key.tenant),
                     "integration_id": str(d.key.integration_id),
                     "provider": d.provider,
-                    "due": d.deadline,
+                    "due": iso(d.deadline),
+                    "due_in_s": round(d.deadline - time.time(), 3),
                 }
                 for d in upcoming
             ],
-            "last_load": self.last_load,
+            "last_load": iso(self.last_load),
+            "last_reload": self.last_reload.to_json() if self.last_reload else None,
         }
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        role = self.leader.role
+        if not self.leader.connected:
+            return f"{role}: connecting to Postgres"
+        if role != "leader":
+            return f"{role}: waiting for the leader lock"
+        earliest = self.schedule.next_deadline()
+        due = iso(earliest) if earliest is not None else "none"
+        return f"leader: {len(self.schedule)} scheduled, next deadline {due}"

@@ -27,7 +27,9 @@ async def create_pool(config: Config) -> asyncpg.Pool:
     db = config.database
     pool = await asyncpg.create_pool(
         db.dsn,
-        min_size=1,
+        # No connection at creation: a daemon started while Postgres is down
+        # runs (answering /healthz, not /readyz) and connects when it can.
+        min_size=0,
         max_size=db.pool_size,
         timeout=db.connect_timeout_s,
         # Bounds every statement on the client too: a partitioned server

@@ -14,7 +14,6 @@ import time
 
 import anyio
 
-from tokend import metrics
 from tokend.config import Config
 from tokend.refresher import Refresher
 from tokend.schedule import Due, Schedule
@@ -44,9 +43,17 @@ class Dispatcher:
         self.schedule = schedule
         self.refresher = refresher
         self.in_flight = 0
-        self._slots = anyio.Semaphore(config.scheduler.concurrency)
+        # A limiter rather than a semaphore: its size can change on reload.
+        # Slots are borrowed by the dispatch loop and returned by the worker,
+        # so each start borrows on behalf of a token of its own.
+        self._slots = anyio.CapacityLimiter(config.scheduler.concurrency)
         self._rate = RateLimit()
         self._stopping = False
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config: concurrency and rate limits at once."""
+        self.config = config
+        self._slots.total_tokens = config.scheduler.concurrency
 
     def stop(self) -> None:
         """Take no new work; in-flight refreshes go on."""
@@ -57,14 +64,15 @@ class Dispatcher:
         """Dispatch until stopped, then give in-flight work `grace_s` to end."""
         async with anyio.create_task_group() as workers:
             while not self._stopping:
-                await self._slots.acquire()
+                slot = object()
+                await self._slots.acquire_on_behalf_of(slot)
                 due = await self._next_due()
                 if due is None:
-                    self._slots.release()
+                    self._slots.release_on_behalf_of(slot)
                     break
                 await self._rate_wait(due)
                 self.in_flight += 1
-                workers.start_soon(self._work, due)
+                workers.start_soon(self._work, due, slot)
             workers.cancel_scope.deadline = anyio.current_time() + grace_s
 
     async def _next_due(self) -> Due | None:
@@ -75,8 +83,6 @@ class Dispatcher:
             if due is not None:
                 return due
             earliest = self.schedule.next_deadline()
-            metrics.next_deadline.set(earliest - now if earliest else 0)
-            metrics.heap_entries.set(len(self.schedule))
             sleep = max_sleep if earliest is None else min(earliest - now, max_sleep)
             await self.schedule.wait(sleep)
         return None
@@ -89,7 +95,7 @@ class Dispatcher:
         if delay:
             await anyio.sleep(delay)
 
-    async def _work(self, due: Due) -> None:
+    async def _work(self, due: Due, slot: object) -> None:
         try:
             await self.refresher.refresh(due)
         except Exception:
@@ -100,4 +106,4 @@ class Dispatcher:
             self.schedule.put(due.key, retry_at, due.nonce, due.provider)
         finally:
             self.in_flight -= 1
-            self._slots.release()
+            self._slots.release_on_behalf_of(slot)

@@ -96,6 +96,9 @@ class Leader:
                 self._backoff.connected()
                 await self._wait_for_lock(conn)
                 await self._lead(conn, term)
+                # A term ends on its own only at shutdown: closing the
+                # connection (below) releases the lock for a follower.
+                return
             except* CONNECTION_ERRORS as group:
                 self._stepped_down(group.exceptions[0])
             finally:

@@ -3,8 +3,19 @@ bounded by providers, outcomes and statuses."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+# The text format would carry a `_created` gauge beside every counter and
+# histogram: a second series each that no alert or dashboard reads.
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -29,12 +40,12 @@ heap_entries = Gauge(
 )
 next_deadline = Gauge(
     "tokend_next_deadline_seconds",
-    "Seconds until the earliest deadline (negative when overdue)",
+    "Seconds until the earliest deadline (negative when overdue, NaN when none)",
     registry=REGISTRY,
 )
 tokens_expired = Gauge(
     "tokend_tokens_expired",
-    "Scheduled integrations whose access token has lapsed unrefreshed",
+    "Integrations still being refreshed whose access token has expired",
     registry=REGISTRY,
 )
 refreshes = Counter(
@@ -86,3 +97,29 @@ events_emitted = Counter(
     ["type"],
     registry=REGISTRY,
 )
+
+# The outcomes a refresh is counted under (refresher.Refresher.refresh).
+REFRESH_OUTCOMES = (
+    "success",
+    "transient",
+    "reconnect_required",
+    "client_rejected",
+    "unschedulable",
+    "skipped",
+)
+
+# Series with fixed label values exist from the start, at zero, so that
+# rate() and increase() see the first event and absent series mean a problem.
+for _change in ("gained", "lost"):
+    leader_transitions.labels(_change)
+for _result in ("success", "failure"):
+    config_reloads.labels(_result)
+db_reconnects.labels("leader")
+
+
+def declare_providers(providers: Iterable[str]) -> None:
+    """Create every provider's refresh series at zero."""
+    for provider in providers:
+        for outcome in REFRESH_OUTCOMES:
+            refreshes.labels(provider, outcome)
+        refresh_duration.labels(provider)

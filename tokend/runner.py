@@ -1,4 +1,5 @@
-"""The process around the daemon: logging, the event loop, signals, HTTP.
+"""The process around the daemon: logging, the event loop, signals, HTTP and
+systemd's notifications.
 
 Signal handlers only set state; this module is their one owner. The first
 SIGTERM or SIGINT drains and exits 0; a second exits at once. SIGHUP
@@ -10,72 +11,152 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from dataclasses import dataclass
 
 import anyio
+from aiohttp.web import AppRunner
 
 from tokend import config as config_module
 from tokend import metrics, web
 from tokend.config import Config
 from tokend.daemon import Daemon
-from tokend.errors import ConfigErrors
-from tokend.logs import configure_logging, set_level
+from tokend.errors import ConfigErrors, UpstreamError
+from tokend.logs import configure_logging
+from tokend.sdnotify import Notifier, watchdog_loop
 
 logger = logging.getLogger(__name__)
 
-
-def run(
-    config: Config, *, log_format: str | None = None, log_level: str | None = None
-) -> int:
-    configure_logging(log_level or config.log.level, log_format or config.log.format)
-    return anyio.run(_main, config, backend_options={"use_uvloop": True})
+# Exit status after a second stop signal: the drain was cut short.
+EXIT_INTERRUPTED = 1
+# How often systemd's STATUS= line is brought up to date.
+STATUS_EVERY_S = 1.0
 
 
-async def _main(config: Config) -> int:
+@dataclass(frozen=True)
+class Overrides:
+    """Logging settings given on the command line or in the environment;
+    they win over the config file, at start and on every reload."""
+
+    log_format: str | None = None
+    log_level: str | None = None
+
+
+def run(config: Config, overrides: Overrides | None = None) -> int:
+    overrides = overrides or Overrides()
+    _configure_logging(config, overrides)
+    return anyio.run(_main, config, overrides, backend_options={"use_uvloop": True})
+
+
+def _configure_logging(config: Config, overrides: Overrides) -> None:
+    configure_logging(
+        overrides.log_level or config.log.level,
+        overrides.log_format or config.log.format,
+    )
+
+
+async def _main(config: Config, overrides: Overrides) -> int:
     daemon = Daemon(config)
-    http = await web.serve(daemon, config.http.listen) if config.http.enabled else None
+    notifier = Notifier()
+    http = await _serve(daemon) if config.http.enabled else None
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_signals, daemon)
+            tg.start_soon(_signals, daemon, notifier, overrides)
+            tg.start_soon(watchdog_loop, notifier)
+            tg.start_soon(_report, daemon, notifier)
             await daemon.run()
             tg.cancel_scope.cancel()
     finally:
         if http is not None:
             with anyio.CancelScope(shield=True):
                 await http.cleanup()
+        notifier.close()
     logger.info("stopped")
     return 0
 
 
-async def _signals(daemon: Daemon) -> None:
+async def _serve(daemon: Daemon) -> AppRunner:
+    listen = daemon.config.http.listen
+    try:
+        return await web.serve(daemon, listen)
+    except OSError as exc:
+        raise UpstreamError(f"cannot listen on {listen}: {exc.strerror}") from exc
+
+
+async def _signals(daemon: Daemon, notifier: Notifier, overrides: Overrides) -> None:
     stopping = False
-    with anyio.open_signal_receiver(
-        signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-    ) as received:
-        async for signum in received:
-            if signum == signal.SIGHUP:
-                reload(daemon)
-            elif stopping:
-                logger.warning("second stop signal: exiting at once")
-                os._exit(1)
-            else:
-                stopping = True
-                logger.info("stopping", extra={"signal": signal.Signals(signum).name})
-                daemon.stop()
+    one_at_a_time = anyio.Lock()
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+        ) as received:
+            async for signum in received:
+                if signum == signal.SIGHUP and not stopping:
+                    tg.start_soon(_reload, daemon, notifier, overrides, one_at_a_time)
+                elif signum == signal.SIGHUP:
+                    logger.warning("reload ignored: stopping")
+                elif stopping:
+                    logger.warning("second stop signal: exiting at once")
+                    os._exit(EXIT_INTERRUPTED)
+                else:
+                    stopping = True
+                    name = signal.Signals(signum).name
+                    logger.info("stopping", extra={"signal": name})
+                    notifier.stopping()
+                    notifier.status("stopping: finishing in-flight refreshes")
+                    daemon.stop()
 
 
-def reload(daemon: Daemon) -> bool:
+async def _reload(
+    daemon: Daemon, notifier: Notifier, overrides: Overrides, lock: anyio.Lock
+) -> None:
+    async with lock:
+        notifier.reloading()
+        try:
+            await reload(daemon, overrides)
+        finally:
+            notifier.ready()
+
+
+async def reload(daemon: Daemon, overrides: Overrides | None = None) -> bool:
     """Re-read the config file; keep the running config if it is invalid."""
+    overrides = overrides or Overrides()
     try:
         new = config_module.load(daemon.config.source)
     except ConfigErrors as exc:
+        errors = [str(e) for e in exc.errors]
+        daemon.reload_failed(errors)
         metrics.config_reloads.labels("failure").inc()
         logger.error(
-            "config reload rejected; keeping the running config",
-            extra={"errors": [str(e) for e in exc.errors]},
+            "config reload rejected; the running config stays",
+            extra={"source": daemon.config.source, "errors": errors},
         )
         return False
-    set_level(new.log.level)
-    daemon.config = new
+    record = await daemon.reload(new)
     metrics.config_reloads.labels("success").inc()
-    logger.info("config reloaded", extra={"source": new.source})
+    # Said under the old level, so that raising it does not hide the reload.
+    logger.info(
+        "config reloaded",
+        extra={
+            "source": new.source,
+            "changed": list(record.changed),
+            "restart_needed": list(record.restart_needed),
+        },
+    )
+    _configure_logging(daemon.config, overrides)
     return True
+
+
+async def _report(daemon: Daemon, notifier: Notifier) -> None:
+    """READY=1 once connected, then a STATUS= line whenever it changes."""
+    ready = False
+    said = ""
+    while not daemon.stopping:
+        if not ready and daemon.ready():
+            ready = True
+            notifier.ready()
+            logger.info("ready", extra={"role": daemon.leader.role})
+        line = daemon.status_line()
+        if line != said:
+            notifier.status(line)
+            said = line
+        await anyio.sleep(STATUS_EVERY_S if ready else STATUS_EVERY_S / 4)

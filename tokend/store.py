@@ -86,6 +86,27 @@ class Event:
         }
 
 
+class IntegrationStats(NamedTuple):
+    """Active integrations by lifecycle status, and how many of those still
+    scheduled hold an access token past its expiry."""
+
+    counts: dict[str, int]
+    expired: int
+
+
+class Listed(NamedTuple):
+    """One integration as `tokend status` lists it: the lifecycle's text."""
+
+    key: IntegrationKey
+    provider: str
+    status: str | None
+    next_refresh_at: str | None
+    expires_at: str | None
+    reason: str | None
+    failure_code: str | None
+    failed_at: str | None
+
+
 class Store:
     def __init__(self, table: str, events_channel: str) -> None:
         # The table name is a validated identifier (config), safe to format in.
@@ -110,9 +131,43 @@ class Store:
                 updated_at = now()
             WHERE tenant = $1 AND integration_id = $2
               AND jsonb_typeof(coalesce(settings, '{{}}')) = 'object'"""
-        self._counts = f"""
-            SELECT coalesce(settings #>> '{{tokenLifecycle,status}}', 'none'), count(*)
+        # tokend writes every timestamp as ISO-8601 UTC with milliseconds, so
+        # text order is time order and a malformed value cannot fail the query.
+        self._stats = f"""
+            SELECT coalesce(settings #>> '{{tokenLifecycle,status}}', 'none'),
+                   count(*),
+                   count(*) FILTER (
+                       WHERE settings #>> '{{tokenLifecycle,status}}'
+                             IN ('scheduled', 'refreshing', 'retrying')
+                         AND settings #>> '{{tokenLifecycle,expiresAt}}' < $1)
             FROM {table} WHERE is_active GROUP BY 1"""
+        self._stranded = f"""
+            SELECT tenant, integration_id FROM {table}
+            WHERE is_active AND provider = ANY($1::text[])
+              AND settings #>> '{{tokenLifecycle,status}}' = 'unschedulable'
+              AND settings #>> '{{tokenLifecycle,lastRefreshFailure,code}}'
+                  = ANY($2::text[])"""
+        listed = f"""
+            SELECT tenant, integration_id, provider,
+                   settings #>> '{{tokenLifecycle,status}}',
+                   settings #>> '{{tokenLifecycle,nextRefreshAt}}',
+                   settings #>> '{{tokenLifecycle,expiresAt}}',
+                   coalesce(
+                       settings #>> '{{tokenLifecycle,reconnectReason}}',
+                       settings #>> '{{tokenLifecycle,lastRefreshFailure,message}}'
+                   ),
+                   settings #>> '{{tokenLifecycle,lastRefreshFailure,code}}',
+                   settings #>> '{{tokenLifecycle,lastRefreshFailure,failedAt}}'
+            FROM {table} WHERE is_active"""
+        self._upcoming = f"""{listed}
+              AND settings #>> '{{tokenLifecycle,status}}'
+                  IN ('scheduled', 'refreshing', 'retrying')
+              AND settings #>> '{{tokenLifecycle,nextRefreshAt}}' IS NOT NULL
+            ORDER BY 5 LIMIT $1"""
+        self._attention = f"""{listed}
+              AND settings #>> '{{tokenLifecycle,status}}'
+                  IN ('reconnect_required', 'unschedulable')
+            ORDER BY 4, 9 DESC NULLS LAST LIMIT $1"""
         self._emit = """
             WITH e AS (
                 INSERT INTO tokend_events
@@ -130,9 +185,31 @@ class Store:
             while rows := await cursor.fetch(batch):
                 yield [LoadedRow(IntegrationKey(r[0], r[1]), *r[2:]) for r in rows]
 
-    async def status_counts(self, conn: Conn) -> dict[str, int]:
-        """Active integrations by lifecycle status ('none' before backfill)."""
-        return {status: n for status, n in await conn.fetch(self._counts)}
+    async def stats(self, conn: Conn, now: float) -> IntegrationStats:
+        """Active integrations by status ('none' before backfill), and the
+        scheduled ones whose access token expired before `now`."""
+        rows = await conn.fetch(self._stats, iso(now))
+        counts = {status: n for status, n, _ in rows}
+        return IntegrationStats(counts, sum(expired for *_, expired in rows))
+
+    async def stranded(
+        self, conn: Conn, providers: list[str], codes: list[str]
+    ) -> list[IntegrationKey]:
+        """Unschedulable integrations of `providers` whose last failure code
+        is one of `codes` (failures a config change can cure)."""
+        rows = await conn.fetch(self._stranded, providers, codes)
+        return [IntegrationKey(r[0], r[1]) for r in rows]
+
+    async def upcoming(self, conn: Conn, limit: int) -> list[Listed]:
+        """The scheduled integrations with the earliest stored deadlines."""
+        rows = await conn.fetch(self._upcoming, limit)
+        return [Listed(IntegrationKey(r[0], r[1]), *r[2:]) for r in rows]
+
+    async def attention(self, conn: Conn, limit: int) -> list[Listed]:
+        """Integrations a human must act on: reconnect-required, then
+        unschedulable, the latest failures first."""
+        rows = await conn.fetch(self._attention, limit)
+        return [Listed(IntegrationKey(r[0], r[1]), *r[2:]) for r in rows]
 
     async def read(self, conn: Conn, key: IntegrationKey) -> Row | None:
         record = await conn.fetchrow(self._read, key.tenant, key.integration_id)

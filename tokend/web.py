@@ -35,9 +35,11 @@ def application(daemon: Daemon) -> web.Application:
         return _json({"ok": True})
 
     async def readyz(_: web.Request) -> web.Response:
-        leader = daemon.leader
-        ready = leader.connected and leader.role in ("leader", "follower")
-        return _json({"ready": ready, "role": leader.role}, 200 if ready else 503)
+        # Ready: connected to Postgres and leading or following. A follower is
+        # ready too: it takes over the moment the leader goes.
+        ready = daemon.ready()
+        doc = {"ready": ready, "role": daemon.leader.role}
+        return _json(doc, 200 if ready else 503)
 
     async def status(_: web.Request) -> web.Response:
         return _json(daemon.status())
