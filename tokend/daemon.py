@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # How often the leader recounts integrations by status for the metrics.
 STATS_INTERVAL_S = 15.0
+# How long shutdown waits, after the last term ended, for the lock's release.
+RELEASE_TIMEOUT_S = 2.0
 # How long a reload waits for the leader to recompute every deadline.
 RECOMPUTE_TIMEOUT_S = 60.0
 
@@ -77,6 +79,7 @@ class Daemon:
         self._dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
         self._term_ended = anyio.Event()
+        self._released = anyio.Event()
         self.refresher: Refresher | None = None
         # Work a reload hands to the running term (see _maintain).
         self._maintenance_wanted = anyio.Event()
@@ -126,7 +129,7 @@ class Daemon:
                     rng=self.rng,
                 )
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self.leader.run, self._term)
+                    tg.start_soon(self._lead)
                     await self._stop.wait()
                     await self._drain()
                     tg.cancel_scope.cancel()
@@ -134,8 +137,13 @@ class Daemon:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await pool.close()
 
+    async def _lead(self) -> None:
+        await self.leader.run(self._term)
+        self._released.set()
+
     async def _drain(self) -> None:
-        """Let a running term hand back its in-flight work within the grace."""
+        """Let a running term hand back its in-flight work within the grace,
+        then let the leader release its lock (it returns once it has)."""
         if self._dispatcher is not None:
             logger.info(
                 "draining in-flight refreshes",
@@ -146,6 +154,8 @@ class Daemon:
             )
             with anyio.move_on_after(self.config.daemon.shutdown_grace_s + 1):
                 await self._term_ended.wait()
+            with anyio.move_on_after(RELEASE_TIMEOUT_S):
+                await self._released.wait()
 
     # -- reload -----------------------------------------------------------
 

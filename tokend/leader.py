@@ -90,6 +90,7 @@ class Leader:
         """Follow, lead, step down, forever. `term` runs while leading."""
         while True:
             conn = None
+            shutdown = False
             try:
                 conn = await self._connect()
                 self.connected = True
@@ -98,13 +99,14 @@ class Leader:
                 await self._lead(conn, term)
                 # A term ends on its own only at shutdown: closing the
                 # connection (below) releases the lock for a follower.
+                shutdown = True
                 return
             except* CONNECTION_ERRORS as group:
                 self._stepped_down(group.exceptions[0])
             finally:
                 self.connected = False
                 if self.role == "leader":
-                    self._set_role("follower")
+                    self._set_role("follower", released=shutdown)
                 if conn is not None:
                     conn.terminate()
             metrics.db_reconnects.labels("leader").inc()
@@ -179,10 +181,11 @@ class Leader:
             extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "role": self.role},
         )
 
-    def _set_role(self, role: str) -> None:
+    def _set_role(self, role: str, *, released: bool = False) -> None:
         previous, self.role = self.role, role
         metrics.leader.set(1 if role == "leader" else 0)
         if previous != role and "leader" in (previous, role):
             change = "gained" if role == "leader" else "lost"
             metrics.leader_transitions.labels(change).inc()
-            logger.info("leadership " + change, extra={"role": role})
+            message = "leadership released" if released else "leadership " + change
+            logger.info(message, extra={"role": role})
