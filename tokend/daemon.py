@@ -34,7 +34,7 @@ from tokend.store import IntegrationKey, LoadedRow, Store
 logger = logging.getLogger(__name__)
 
 # How often the leader recounts integrations by status for the metrics.
-STATS_INTERVAL_S = 15.0
+STATS_INTERVAL_S = 60.0
 # How long shutdown waits, after the last term ended, for the lock's release.
 RELEASE_TIMEOUT_S = 2.0
 # How long a reload waits for the leader to recompute every deadline.
@@ -182,15 +182,11 @@ class Daemon:
                 "config changes need a restart; the running values stay",
                 extra={"keys": restart},
             )
-        if policy_changed(old, effective):
-            await self._ask_term(recompute=True)
-        providers = [
-            name
-            for name, provider in effective.providers.items()
-            if old.providers.get(name) != provider
-        ]
-        if providers:
-            await self._ask_term(revive=providers)
+        # A reload is the operator saying "I fixed something": integrations
+        # stuck for a reason config or app secrets can cure get another try.
+        await self._ask_term(
+            recompute=policy_changed(old, effective), revive=list(effective.providers)
+        )
         record = ReloadRecord(
             time.time(), "success", (), tuple(changed), tuple(restart)
         )
@@ -240,7 +236,7 @@ class Daemon:
                 await self.resync()
                 tg.start_soon(self._maintain)
                 tg.start_soon(self._stats_loop)
-                await dispatcher.run(self.config.daemon.shutdown_grace_s)
+                await dispatcher.run()
                 tg.cancel_scope.cancel()
         finally:
             self._dispatcher, self._listener = None, None
@@ -250,18 +246,20 @@ class Daemon:
             self._term_ended.set()
 
     async def _maintain(self) -> None:
-        """Resync every `resync_interval_s`, or at once when a reload asks."""
+        """Resync every `resync_interval_s`; do what a reload asks at once."""
         while True:
-            interval = self.config.scheduler.resync_interval_s
-            with anyio.move_on_after(interval):
+            asked = False
+            with anyio.move_on_after(self.config.scheduler.resync_interval_s):
                 await self._maintenance_wanted.wait()
+                asked = True
             self._maintenance_wanted = anyio.Event()
             done, self._maintained = self._maintained, anyio.Event()
             recompute, self._recompute = self._recompute, False
             revive, self._revive = sorted(self._revive), set()
             if revive:
                 await self._revive_stranded(revive)
-            await self.resync(recompute=recompute)
+            if recompute or not asked:
+                await self.resync(recompute=recompute)
             done.set()
 
     async def _stats_loop(self) -> None:
@@ -299,16 +297,15 @@ class Daemon:
         return math.nan if earliest is None else earliest - time.time()
 
     async def _revive_stranded(self, providers: list[str]) -> None:
-        """Reschedule integrations a provider's config change may have cured."""
+        """Reschedule the integrations a config or secret fix may have cured."""
         assert self.refresher is not None
         async with self.refresher.pool.acquire() as conn:
             keys = await self.store.stranded(conn, providers, _CONFIG_FAILURES)
-        for key in keys:
-            await self.refresher.reschedule(key, "resync")
+        await self._reschedule_all(keys, "resync")
         if keys:
             logger.info(
-                "unschedulable integrations rescheduled after a config change",
-                extra={"count": len(keys), "providers": providers},
+                "unschedulable integrations rescheduled after a reload",
+                extra={"count": len(keys)},
             )
 
     async def resync(self, *, recompute: bool = False) -> None:
@@ -333,7 +330,7 @@ class Daemon:
         for key, nonce in before.items():
             if key not in seen:
                 self.schedule.drop(key, nonce)
-        await self._backfill(backfill)
+        await self._reschedule_all(backfill, "backfill")
         async with self.refresher.pool.acquire() as conn:
             await self._count(conn)
         self.last_load = time.time()
@@ -386,15 +383,16 @@ class Daemon:
             return
         self.schedule.put(row.key, min(candidates), nonce, row.provider)
 
-    async def _backfill(self, keys: list[IntegrationKey]) -> None:
-        """Rows without a usable lifecycle: schedule from stored credentials."""
+    async def _reschedule_all(self, keys: list[IntegrationKey], source: str) -> None:
+        """Schedule each from its stored credentials, a few at a time: rows
+        without a usable lifecycle (backfill), or revived after a reload."""
         assert self.refresher is not None
         refresher = self.refresher
         pending = iter(keys)
 
         async def worker() -> None:
             for key in pending:
-                await refresher.reschedule(key, "backfill")
+                await refresher.reschedule(key, source)
 
         async with anyio.create_task_group() as tg:
             for _ in range(min(len(keys), max(1, self.config.database.pool_size // 2))):

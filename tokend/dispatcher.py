@@ -60,8 +60,9 @@ class Dispatcher:
         self._stopping = True
         self.schedule.wake()
 
-    async def run(self, grace_s: float) -> None:
-        """Dispatch until stopped, then give in-flight work `grace_s` to end."""
+    async def run(self) -> None:
+        """Dispatch until stopped, then give in-flight work the shutdown grace
+        (read at the stop, so a reload's value counts)."""
         async with anyio.create_task_group() as workers:
             while not self._stopping:
                 slot = object()
@@ -73,6 +74,7 @@ class Dispatcher:
                 await self._rate_wait(due)
                 self.in_flight += 1
                 workers.start_soon(self._work, due, slot)
+            grace_s = self.config.daemon.shutdown_grace_s
             workers.cancel_scope.deadline = anyio.current_time() + grace_s
 
     async def _next_due(self) -> Due | None:
