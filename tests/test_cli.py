@@ -4,6 +4,7 @@ refresh against a real database, with a leader running or not."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import uuid
@@ -321,3 +322,19 @@ async def test_config_comes_from_the_flag_or_tokend_config(
     from_env = await tokend("status", "--json", env={"TOKEND_CONFIG": config_file})
     assert from_env.returncode == 0, _err(from_env)
     assert orjson.loads(from_env.stdout)["counts"] == {}
+
+
+async def test_run_names_a_listen_address_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        doc = config_doc(f"postgresql://tokend@127.0.0.1:{free_port()}/tokend")
+        doc["http"] = {"enabled": True, "listen": f"127.0.0.1:{port}"}
+        config = write_config(tmp_path / "busy.toml", doc)
+        with anyio.fail_after(30):
+            result = await tokend("run", "--config", str(config))
+    assert result.returncode == 1
+    assert _err(result).endswith(
+        f"tokend: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )

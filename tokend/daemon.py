@@ -225,11 +225,11 @@ class Daemon:
             refresh_now_interval_s=self.config.scheduler.refresh_now_interval_s,
         )
         await listener.attach(conn, self.config.notify.channel)
+        if self._stop.is_set():
+            return
         dispatcher = Dispatcher(self.config, self.schedule, self.refresher)
         self._dispatcher, self._listener = dispatcher, listener
         self._term_ended = anyio.Event()
-        if self._stop.is_set():
-            return
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listener.run)

@@ -54,22 +54,33 @@ def _configure_logging(config: Config, overrides: Overrides) -> None:
     )
 
 
+class _Systemd(Notifier):
+    """The notifier, remembering whether READY=1 went out: until it has,
+    systemd is still starting the service and a reload is no news to it."""
+
+    announced = False
+
+    def ready(self) -> None:
+        self.announced = True
+        super().ready()
+
+
 async def _main(config: Config, overrides: Overrides) -> int:
     daemon = Daemon(config)
-    notifier = Notifier()
+    systemd = _Systemd()
     http = await _serve(daemon) if config.http.enabled else None
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_signals, daemon, notifier, overrides)
-            tg.start_soon(watchdog_loop, notifier)
-            tg.start_soon(_report, daemon, notifier)
+            tg.start_soon(_signals, daemon, systemd, overrides)
+            tg.start_soon(watchdog_loop, systemd)
+            tg.start_soon(_report, daemon, systemd)
             await daemon.run()
             tg.cancel_scope.cancel()
     finally:
         if http is not None:
             with anyio.CancelScope(shield=True):
                 await http.cleanup()
-        notifier.close()
+        systemd.close()
     logger.info("stopped")
     return 0
 
@@ -79,10 +90,11 @@ async def _serve(daemon: Daemon) -> AppRunner:
     try:
         return await web.serve(daemon, listen)
     except OSError as exc:
-        raise UpstreamError(f"cannot listen on {listen}: {exc.strerror}") from exc
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UpstreamError(f"cannot listen on {listen}: {reason}") from exc
 
 
-async def _signals(daemon: Daemon, notifier: Notifier, overrides: Overrides) -> None:
+async def _signals(daemon: Daemon, systemd: _Systemd, overrides: Overrides) -> None:
     stopping = False
     one_at_a_time = anyio.Lock()
     async with anyio.create_task_group() as tg:
@@ -91,7 +103,7 @@ async def _signals(daemon: Daemon, notifier: Notifier, overrides: Overrides) -> 
         ) as received:
             async for signum in received:
                 if signum == signal.SIGHUP and not stopping:
-                    tg.start_soon(_reload, daemon, notifier, overrides, one_at_a_time)
+                    tg.start_soon(_reload, daemon, systemd, overrides, one_at_a_time)
                 elif signum == signal.SIGHUP:
                     logger.warning("reload ignored: stopping")
                 elif stopping:
@@ -101,20 +113,23 @@ async def _signals(daemon: Daemon, notifier: Notifier, overrides: Overrides) -> 
                     stopping = True
                     name = signal.Signals(signum).name
                     logger.info("stopping", extra={"signal": name})
-                    notifier.stopping()
-                    notifier.status("stopping: finishing in-flight refreshes")
+                    systemd.stopping()
+                    systemd.status("stopping: finishing in-flight refreshes")
                     daemon.stop()
 
 
 async def _reload(
-    daemon: Daemon, notifier: Notifier, overrides: Overrides, lock: anyio.Lock
+    daemon: Daemon, systemd: _Systemd, overrides: Overrides, lock: anyio.Lock
 ) -> None:
     async with lock:
-        notifier.reloading()
+        announced = systemd.announced
+        if announced:
+            systemd.reloading()
         try:
             await reload(daemon, overrides)
         finally:
-            notifier.ready()
+            if announced:
+                systemd.ready()
 
 
 async def reload(daemon: Daemon, overrides: Overrides | None = None) -> bool:
@@ -146,17 +161,15 @@ async def reload(daemon: Daemon, overrides: Overrides | None = None) -> bool:
     return True
 
 
-async def _report(daemon: Daemon, notifier: Notifier) -> None:
+async def _report(daemon: Daemon, systemd: _Systemd) -> None:
     """READY=1 once connected, then a STATUS= line whenever it changes."""
-    ready = False
     said = ""
     while not daemon.stopping:
-        if not ready and daemon.ready():
-            ready = True
-            notifier.ready()
+        if not systemd.announced and daemon.ready():
+            systemd.ready()
             logger.info("ready", extra={"role": daemon.leader.role})
         line = daemon.status_line()
         if line != said:
-            notifier.status(line)
+            systemd.status(line)
             said = line
-        await anyio.sleep(STATUS_EVERY_S if ready else STATUS_EVERY_S / 4)
+        await anyio.sleep(STATUS_EVERY_S if systemd.announced else STATUS_EVERY_S / 4)
