@@ -55,7 +55,12 @@ async def _with_connection(config: Config, work: Callable[[Any], Awaitable[T]]) 
         raise DatabaseError(f"cannot connect to the database: {exc}") from exc
     try:
         return await work(conn)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+    except (
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
         raise DatabaseError(f"database error: {exc}") from exc
     finally:
         with anyio.move_on_after(5, shield=True):

@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+class _UsageError(TokendError):
+    """The command line asks for something impossible (exit 2)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"tokend: {message}\n")
@@ -192,7 +196,7 @@ def _status(args: argparse.Namespace) -> int:
     from tokend import admin, config
 
     if args.limit < 1:
-        raise _usage("--limit must be at least 1")
+        raise _UsageError("--limit must be at least 1")
     doc = anyio.run(admin.status, config.load(args.config), args.limit)
     if args.json:
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
@@ -207,7 +211,7 @@ def _key(args: argparse.Namespace) -> IntegrationKey | None:
     if args.tenant is None and args.integration is None:
         return None
     if args.tenant is None or args.integration is None:
-        raise _usage("give both --tenant and --integration")
+        raise _UsageError("give both --tenant and --integration")
     return IntegrationKey(args.tenant, args.integration)
 
 
@@ -218,7 +222,7 @@ def _notify(args: argparse.Namespace) -> int:
 
     key = _key(args)
     if (key is None) != (args.event == "resync"):
-        raise _usage(
+        raise _UsageError(
             "resync takes no integration"
             if key
             else f"{args.event} needs --tenant and --integration"
@@ -247,14 +251,6 @@ def _refresh(args: argparse.Namespace) -> int:
     assert key is not None  # both options are required
     print(anyio.run(admin.refresh, config.load(args.config), key, args.wait))
     return EXIT_OK
-
-
-class _UsageError(TokendError):
-    pass
-
-
-def _usage(message: str) -> _UsageError:
-    return _UsageError(message)
 
 
 def _migrate(args: argparse.Namespace) -> int:

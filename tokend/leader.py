@@ -87,7 +87,8 @@ class Leader:
         return self.role == "leader" and time.monotonic() < self._valid_until
 
     async def run(self, term: Term) -> None:
-        """Follow, lead, step down, forever. `term` runs while leading."""
+        """Follow, lead, step down, until a term ends on its own (at shutdown).
+        `term` runs while leading."""
         while True:
             conn = None
             shutdown = False
