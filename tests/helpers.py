@@ -23,9 +23,10 @@ import orjson
 
 from tokend.config import Config, parse
 from tokend.credentials import Credentials
-from tokend.daemon import Daemon, secret_store
+from tokend.daemon import Daemon
 from tokend.fake_endpoint import FakeTokenEndpoint
-from tokend.secrets import APP, PostgresSecretStore
+from tokend.secrets import APP
+from tokend.secrets.postgres import PostgresSecretStore, postgres_store
 from tokend.store import IntegrationKey
 
 CLIENT_ID = "test-client"
@@ -130,7 +131,7 @@ class World:
     @asynccontextmanager
     async def open(cls, dsn: str, endpoint: FakeTokenEndpoint) -> AsyncIterator[World]:
         conn = await asyncpg.connect(dsn)
-        store = secret_store(make_config(dsn), conn)
+        store = postgres_store(make_config(dsn).secrets, conn)
         world = cls(dsn, conn, endpoint, store)
         await store.put(APP, "ninjaone_client_id", CLIENT_ID.encode())
         await store.put(APP, "ninjaone_client_secret", CLIENT_SECRET.encode())

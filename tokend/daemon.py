@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import anyio
-import asyncpg
 
 from tokend import metrics, policy
 from tokend.config import Config
@@ -26,18 +25,10 @@ from tokend.lifecycle import SCHEDULABLE, LifecycleInvalid, parse_iso
 from tokend.listener import Listener
 from tokend.refresher import Refresher
 from tokend.schedule import Schedule
-from tokend.secrets import Cipher, PostgresSecretStore, decode_key
+from tokend.secrets import SecretStore, open_store
 from tokend.store import IntegrationKey, LoadedRow, Store
 
 logger = logging.getLogger(__name__)
-
-
-def secret_store(config: Config, pool: asyncpg.Pool | Conn) -> PostgresSecretStore:
-    s = config.secrets
-    assert s.key is not None
-    return PostgresSecretStore(
-        pool, Cipher({s.key_id: decode_key(s.key, s.key_id)}, s.key_id)
-    )
 
 
 class Daemon:
@@ -61,6 +52,7 @@ class Daemon:
         self._dispatcher: Dispatcher | None = None
         self._term_ended = anyio.Event()
         self.refresher: Refresher | None = None
+        self.secrets: SecretStore | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -72,6 +64,7 @@ class Daemon:
         pool = await create_pool(self.config)
         timeout = aiohttp.ClientTimeout(total=60)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self.secrets = open_store(self.config, pool)
         try:
             async with aiohttp.ClientSession(
                 timeout=timeout, connector=connector
@@ -79,7 +72,7 @@ class Daemon:
                 self.refresher = Refresher(
                     self.config,
                     pool,
-                    secret_store(self.config, pool),
+                    self.secrets,
                     self.store,
                     self.schedule,
                     session,
@@ -93,6 +86,7 @@ class Daemon:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.secrets.aclose()
                 await pool.close()
 
     async def _drain(self) -> None:

@@ -86,3 +86,9 @@ events_emitted = Counter(
     ["type"],
     registry=REGISTRY,
 )
+secret_store_errors = Counter(
+    "tokend_secret_store_errors_total",
+    "Secret-store failures that made an integration wait, by store and code",
+    ["store", "code"],
+    registry=REGISTRY,
+)

@@ -21,7 +21,7 @@ from tokend import metrics, oauth, policy
 from tokend.config import Config
 from tokend.credentials import Credentials, CredentialsInvalid
 from tokend.db import Conn
-from tokend.errors import SecretError, TokenURLRefused
+from tokend.errors import SecretError, SecretUnavailable, TokenURLRefused
 from tokend.lifecycle import Failure, Lifecycle
 from tokend.providers import Provider
 from tokend.schedule import Due, Schedule
@@ -146,9 +146,13 @@ class Refresher:
             error = Unschedulable("token_url_refused", str(exc))
             await self._unschedulable(conn, row, current, error, work)
             return
+        except SecretUnavailable as exc:
+            await self._store_failed(conn, row, current, exc, work)
+            return
         known = current.expires_at
-        if known is not None and found.credentials.expires_at > known + 1:
-            # The stored token is newer than the one we scheduled for: someone
+        if known is None or found.credentials.expires_at > known + 1:
+            # The stored token is newer than the one we scheduled for (or we
+            # never saw one: the store failed when it was scheduled): someone
             # else refreshed and forgot to tell us.
             await self._plan(conn, row, current, found.credentials, "resync", work)
             return
@@ -203,16 +207,24 @@ class Refresher:
         attempt = current.replace(last_refresh_attempt_at=now)
         if outcome.kind == "success":
             assert outcome.tokens is not None
-            await self._succeeded(
-                conn, row, attempt, found.credentials, outcome.tokens, work
-            )
+            try:
+                await self._succeeded(
+                    conn, row, attempt, found.credentials, outcome.tokens, work
+                )
+            except SecretUnavailable as exc:
+                logger.error(
+                    "rotated credentials could not be stored",
+                    extra=row.key.log(provider=row.provider, code=exc.code),
+                )
+                await self._store_failed(conn, row, attempt, exc, work)
         elif outcome.kind == "reconnect_required":
             await self._rejected(conn, row, attempt, found.credentials, outcome, work)
         elif outcome.kind == "client_rejected":
             error = Unschedulable(outcome.code, outcome.message)
             await self._unschedulable(conn, row, attempt, error, work, outcome)
         else:
-            await self._retry(conn, row, attempt, found.credentials, outcome, work)
+            expires_at = found.credentials.expires_at
+            await self._retry(conn, row, attempt, expires_at, outcome, work)
 
     async def _succeeded(
         self,
@@ -278,6 +290,11 @@ class Refresher:
             again = await self._read_secrets(conn, row)
         except Unschedulable:
             again = None
+        except SecretUnavailable as exc:
+            # Whether someone else rotated cannot be told now: wait, never
+            # mark reconnect-required on a guess.
+            await self._store_failed(conn, row, current, exc, work)
+            return
         if again and again.credentials.refresh_token != sent.refresh_token:
             logger.info(
                 "refresh token rotated by another party; rescheduling",
@@ -315,7 +332,7 @@ class Refresher:
         conn: Conn,
         row: Row,
         current: Lifecycle,
-        sent: Credentials,
+        expires_at: float | None,
         outcome: oauth.Outcome,
         work: _Work,
     ) -> None:
@@ -327,7 +344,7 @@ class Refresher:
         lifecycle = current.replace(
             status="retrying",
             schedule_nonce=current.schedule_nonce + 1,
-            expires_at=sent.expires_at,
+            expires_at=expires_at,
             next_refresh_at=now + delay,
             last_scheduled_at=now,
             last_schedule_source="retry",
@@ -335,11 +352,12 @@ class Refresher:
             last_refresh_failure=self._failure(outcome, now).to_json(),
             owner_id=self.config.instance_id,
         )
-        events = [self._event(FAILED, row, sent.expires_at, outcome)]
-        lapse_at = sent.expires_at - self.config.retry.expiring_warning_s
-        if now + delay >= lapse_at and current.expiring_notified_for != sent.expires_at:
-            events.append(self._event(EXPIRING, row, sent.expires_at, outcome))
-            lifecycle = lifecycle.replace(expiring_notified_for=sent.expires_at)
+        events = [self._event(FAILED, row, expires_at, outcome)]
+        lapse_at = (expires_at or now) - self.config.retry.expiring_warning_s
+        lapsing = expires_at is not None and now + delay >= lapse_at
+        if lapsing and current.expiring_notified_for != expires_at:
+            events.append(self._event(EXPIRING, row, expires_at, outcome))
+            lifecycle = lifecycle.replace(expiring_notified_for=expires_at)
         await self._commit(conn, row, lifecycle, events, "transient", work)
         logger.warning(
             "refresh failed; will retry",
@@ -436,6 +454,9 @@ class Refresher:
         except Unschedulable as exc:
             await self._unschedulable(conn, row, current, exc, work)
             return "unschedulable"
+        except SecretUnavailable as exc:
+            await self._store_failed(conn, row, current, exc, work)
+            return "retrying"
         await self._plan(conn, row, current, found.credentials, source, work, immediate)
         return "scheduled"
 
@@ -523,6 +544,20 @@ class Refresher:
                 "nor the provider config give one",
             )
         return Secrets(credentials, client_id, client_secret)
+
+    async def _store_failed(
+        self,
+        conn: Conn,
+        row: Row,
+        current: Lifecycle,
+        error: SecretUnavailable,
+        work: _Work,
+    ) -> None:
+        """The secret store cannot answer now: wait with backoff and alert,
+        as for a provider's transient failure."""
+        metrics.secret_store_errors.labels(self.secrets.backend, error.code).inc()
+        outcome = oauth.Outcome("transient", error.code, str(error))
+        await self._retry(conn, row, current, current.expires_at, outcome, work)
 
     async def _unschedulable(
         self,

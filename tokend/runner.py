@@ -75,6 +75,11 @@ def reload(daemon: Daemon) -> bool:
         )
         return False
     set_level(new.log.level)
+    if daemon.secrets is not None:
+        for key in daemon.secrets.reload(new.secrets):
+            logger.warning(
+                "setting changed; takes effect after a restart", extra={"key": key}
+            )
     daemon.config = new
     metrics.config_reloads.labels("success").inc()
     logger.info("config reloaded", extra={"source": new.source})
