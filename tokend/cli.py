@@ -7,8 +7,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from uuid import UUID
 
-from tokend.errors import ConfigErrors, TokendError
+from tokend.errors import ConfigErrors, SecretError, TokendError
+from tokend.secrets import APP, check_name
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="notify tokend when rmm_integrations.is_active changes",
     )
 
+    _secrets_parser(commands.add_parser("secrets", help="put, get, rotate-key"))
+
     demo = commands.add_parser("demo", help="the main job on an embedded default")
     demo.add_argument("--integrations", type=int, default=25)
     demo.add_argument("--token-lifetime", type=float, default=90.0)
@@ -59,12 +63,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tenant(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a uuid: {text!r}") from None
+
+
+def _secret_name(text: str) -> str:
+    try:
+        return check_name(text)
+    except SecretError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _secrets_parser(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    put = actions.add_parser("put", help="store the value read from standard input")
+    get = actions.add_parser("get", help="show a secret's metadata")
+    for sub in (put, get):
+        _config_arg(sub)
+        sub.add_argument(
+            "--tenant", type=_tenant, default=APP, help="tenant uuid (default: app)"
+        )
+        sub.add_argument("name", type=_secret_name)
+    get.add_argument("--reveal", action="store_true", help="print the value itself")
+    rotate = actions.add_parser(
+        "rotate-key", help="re-encrypt the postgres store with the current key"
+    )
+    _config_arg(rotate)
+    rotate.add_argument("--batch", type=int, default=500, help="rows a transaction")
+    rotate.add_argument(
+        "--wait", type=float, default=10.0, help="seconds to retry locked rows"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": _run,
         "check-config": _check_config,
         "migrate": _migrate,
+        "secrets": _secrets,
         "demo": _demo,
     }
     try:
@@ -128,6 +168,12 @@ def _migrate(args: argparse.Namespace) -> int:
     applied = anyio.run(apply)
     print("applied: " + ", ".join(applied) if applied else "schema up to date")
     return EXIT_OK
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    from tokend.secrets import commands
+
+    return commands.run(args)
 
 
 def _demo(args: argparse.Namespace) -> int:

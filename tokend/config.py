@@ -488,7 +488,12 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str], source: str) -> Confi
         values[name] = loader.section(cls, data.get(name, {}), name)
     values["providers"] = loader.providers(data.get("providers", {}))
     config = Config(**values, source=source)
-    loader.errors.extend(_cross_checks(config))
+    # A setting already reported (say, a key that is not base64) is not
+    # reported again as missing.
+    reported = [e.key for e in loader.errors]
+    for error in _cross_checks(config):
+        if not any(key.startswith(error.key) for key in reported):
+            loader.errors.append(error)
     if loader.errors:
         raise ConfigErrors(loader.errors)
     return config

@@ -161,10 +161,10 @@ class FileSecretStore:
             return None
         except OSError as exc:
             raise self._error(path, exc) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SecretError(f"secret file {path} is not a regular file")
         with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise SecretError(f"secret file {path} is not a regular file")
             try:
                 value = handle.read(self.config.max_bytes + 1)
             except OSError as exc:
