@@ -4,8 +4,10 @@ never reconnect-required, never a hot loop, and heals by itself."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from tests.bao import ROOT_TOKEN, Bao
 from tests.helpers import (
     CLIENT_ID,
     CLIENT_SECRET,
+    SECRET_KEY,
     Process,
     World,
     config_doc,
@@ -314,3 +317,37 @@ async def test_sighup_rereads_the_vault_token_file(
 
 def _messages(process: Process) -> list[str]:
     return [line.get("message", "") for line in process.log_lines()]
+
+
+async def test_rotate_key_while_the_daemon_refreshes(
+    world: World, tmp_path: Path
+) -> None:
+    # The daemon was reloaded with k2 as the current key and k1 still known;
+    # rows move from k1 to k2, one a transaction, while refreshes rewrite
+    # the same rows.
+    keys = [await world.connect() for _ in range(12)]
+    new_key = base64.b64encode(b"2" * 32).decode()
+    secrets = {"key": new_key, "key_id": "k2", "old_keys": {"k1": {"key": SECRET_KEY}}}
+    doc = config_doc(world.dsn, secrets=secrets)
+    path = write_config(tmp_path / "tokend.toml", doc)
+    async with running(world.config(secrets=secrets)):
+        await eventually(lambda: len(world.refreshes()) >= 12, timeout_s=20)
+        before = len(world.refreshes())
+        result = await anyio.run_process(
+            [sys.executable, "-m", "tokend", "secrets", "rotate-key",
+             "-c", str(path), "--batch", "1"],
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        await eventually(lambda: len(world.refreshes()) >= before + 12, timeout_s=20)
+
+    ids = await world.conn.fetch("SELECT DISTINCT key_id FROM tokend_secrets")
+    assert [r["key_id"] for r in ids] == ["k2"]
+    only_k2 = world.config(secrets={"key": new_key, "key_id": "k2"})
+    new_store = open_store(only_k2, world.conn)
+    for key in keys:
+        lifecycle = await world.lifecycle(key)
+        assert lifecycle and lifecycle["status"] == "scheduled", lifecycle
+        current = await stored(new_store, key)
+        assert world.endpoint.refresh_token_valid(current.refresh_token)
+    assert [r for r in world.endpoint.log if r.result != "ok"] == []
