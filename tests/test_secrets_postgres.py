@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from tests.helpers import SECRET_KEY, make_config
-from tokend.errors import ConfigErrors, SecretUnavailable
+from tokend.errors import ConfigError, ConfigErrors, SecretUnavailable
 from tokend.secrets import APP
 from tokend.secrets import postgres as postgres_module
 from tokend.secrets.cipher import Cipher
@@ -230,17 +230,15 @@ async def test_rows_that_do_not_open_are_reported_by_key_id_and_the_rest_rotate(
 @pytest.mark.parametrize(
     ("secrets", "key", "problem"),
     [
-        ({"key": "bm90IDMyIGJ5dGVz"}, "secrets.key", "32 bytes, got 12 bytes"),
-        ({"key": "%%%"}, "secrets.key", "expected base64"),
         (keyring("k2", K2, k2=K1), "secrets.old_keys.k2", "current key_id"),
-        ({"old_keys": {"k0": {"key": "short"}}}, "secrets.old_keys.k0.key", "base64"),
         ({"old_keys": {"k0": {}}}, "secrets.old_keys.k0.key", "required"),
         ({"old_keys": {"k 0": {"key": K1}}}, "secrets.old_keys.k 0", "key id"),
         ({"old_keys": {"k0": {"key_file": "/nonexistent/k0"}}}, "k0.key_file", "read"),
         ({"old_keys": {"k0": {"key": K1, "id": 1}}}, "k0.id", "unknown key"),
+        ({"old_keys": "k0"}, "secrets.old_keys", "table of keys"),
     ],
 )
-def test_bad_keys_name_the_setting_never_the_material(
+def test_a_bad_keyring_names_the_setting_never_the_material(
     secrets: dict[str, Any], key: str, problem: str
 ) -> None:
     with pytest.raises(ConfigErrors) as caught:
@@ -248,8 +246,28 @@ def test_bad_keys_name_the_setting_never_the_material(
     text = str(caught.value)
     assert key in text and problem in text
     assert len(caught.value.errors) == 1
-    for material in (K1, K2, K3, "bm90IDMyIGJ5dGVz"):
+    for material in (K1, K2):
         assert material not in text
+
+
+@pytest.mark.parametrize(
+    ("secrets", "problem"),
+    [
+        ({"key": "bm90IDMyIGJ5dGVz"}, "secrets.key: key 'k1' must be 32 bytes, got 12"),
+        ({"key": "%%%", "key_id": "k7"}, "secrets.key: key 'k7' is not valid base64"),
+        (
+            {"old_keys": {"k0": {"key": "c2hvcnQ="}}},
+            "secrets.old_keys.k0: key 'k0' must be 32 bytes, got 5",
+        ),
+    ],
+)
+def test_bad_key_material_names_the_key_id_never_the_material(
+    secrets: dict[str, Any], problem: str
+) -> None:
+    config = make_config("postgresql://127.0.0.1/x", secrets=secrets)
+    with pytest.raises(ConfigError) as caught:
+        Cipher.from_config(config.secrets)
+    assert str(caught.value) == problem
 
 
 def test_the_postgres_store_needs_a_key() -> None:

@@ -11,8 +11,6 @@ key) may instead be given as `x_env` (the name of an environment variable) or
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import os
 import socket
@@ -120,17 +118,6 @@ def _key_id(value: Any) -> str:
     return text
 
 
-def _aes_key(value: str) -> str:
-    # The message never echoes the material.
-    try:
-        raw = base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("expected base64 of 32 bytes, got something else") from None
-    if len(raw) != 32:
-        raise ValueError(f"expected base64 of 32 bytes, got {len(raw)} bytes")
-    return value.strip()
-
-
 def _path(value: Any) -> str:
     if value == "":
         return ""
@@ -187,10 +174,9 @@ def setting(default: Any, check: Check, doc: str = "") -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
-def secret(doc: str = "", *, required: bool = False, check: Check | None = None) -> Any:
+def secret(doc: str = "", *, required: bool = False) -> Any:
     return field(
-        default=None,
-        metadata={"secret": True, "required": required, "check": check, "doc": doc},
+        default=None, metadata={"secret": True, "required": required, "doc": doc}
     )
 
 
@@ -285,7 +271,7 @@ class VaultConfig:
 @dataclass(frozen=True)
 class SecretsConfig:
     backend: str = setting("postgres", _choice("postgres", "files", "vault"))
-    key: str | None = secret("base64 of a 32-byte AES-256-GCM key", check=_aes_key)
+    key: str | None = secret("base64 of a 32-byte AES-256-GCM key")
     key_id: str = setting("k1", _key_id, "id of the key new writes use")
     old_keys: Mapping[str, str] = keyring("older keys, still opened for rotation")
     files: FilesConfig = field(default_factory=FilesConfig)
@@ -378,7 +364,7 @@ class _Loader:
             self.errors.append(ConfigError(path, "expected a table of keys by id"))
             return {}
         found = {}
-        meta = {"required": True, "check": _aes_key}
+        meta = {"required": True}
         for key_id, sub in table.items():
             where = f"{path}.{key_id}"
             try:
@@ -420,16 +406,7 @@ class _Loader:
                     )
                 )
             return None
-        key = f"{path}.{given[0]}"
-        value = self.resolve(table[given[0]], given[0], key)
-        check = meta.get("check")
-        if value is None or check is None:
-            return value
-        try:
-            return str(check(value))
-        except ValueError as exc:
-            self.errors.append(ConfigError(key, str(exc)))
-            return None
+        return self.resolve(table[given[0]], given[0], f"{path}.{given[0]}")
 
     def resolve(self, raw: Any, given: str, key: str) -> str | None:
         """The value of a secret given as x, x_env or x_file."""

@@ -22,17 +22,15 @@ from tokend.config import SecretsConfig
 from tokend.errors import ConfigError, SecretUnavailable
 
 
-def decode_key(text: str, key_id: str) -> bytes:
+def decode_key(text: str, key_id: str, setting: str = "secrets.key") -> bytes:
     """A base64 AES-256 key; errors name the key id, never the material."""
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         problem = f"key {key_id!r} is not valid base64"
-        raise ConfigError("secrets.key", problem) from None
+        raise ConfigError(setting, problem) from None
     if len(key) != 32:
-        raise ConfigError(
-            "secrets.key", f"key {key_id!r} must be 32 bytes, got {len(key)}"
-        )
+        raise ConfigError(setting, f"key {key_id!r} must be 32 bytes, got {len(key)}")
     return key
 
 
@@ -51,7 +49,7 @@ class Cipher:
             raise ConfigError("secrets.key", "required for backend postgres")
         keys = {config.key_id: decode_key(config.key, config.key_id)}
         for key_id, text in config.old_keys.items():
-            keys[key_id] = decode_key(text, key_id)
+            keys[key_id] = decode_key(text, key_id, f"secrets.old_keys.{key_id}")
         return cls(keys, config.key_id)
 
     @property
