@@ -6,13 +6,24 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 
-from tests.helpers import SECRET_KEY, make_config
+from tests.helpers import (
+    CLIENT_ID,
+    SECRET_KEY,
+    World,
+    config_doc,
+    make_config,
+    running,
+    write_config,
+)
+from tokend import runner
+from tokend.config import load
 from tokend.errors import ConfigError, ConfigErrors, SecretUnavailable
 from tokend.secrets import APP
 from tokend.secrets import postgres as postgres_module
@@ -280,3 +291,27 @@ def test_the_postgres_store_needs_a_key() -> None:
         ConfigErrors, match=r"secrets\.key: required for backend postgres"
     ):
         parse(doc, {}, "test")
+
+
+async def test_sighup_reload_brings_in_a_new_key_and_refuses_a_bad_one(
+    world: World, tmp_path: Path
+) -> None:
+    path = tmp_path / "tokend.toml"
+    write_config(path, config_doc(world.dsn))
+    async with running(load(path)) as daemon:
+        write_config(path, config_doc(world.dsn, secrets={"key": "bm90IGEga2V5"}))
+        assert runner.reload(daemon) is False
+        assert daemon.config.secrets.key == SECRET_KEY
+
+        write_config(path, config_doc(world.dsn, secrets=keyring("k2", K2, k1=K1)))
+        assert runner.reload(daemon) is True
+        assert daemon.secrets is not None
+        t = uuid.uuid4()
+        await daemon.secrets.put(t, "ninjaone_credentials", b"v")
+        row = await world.conn.fetchval(
+            "SELECT key_id FROM tokend_secrets WHERE tenant = $1", t
+        )
+        assert row == "k2"
+        # Rows under the old key still open.
+        found = await daemon.secrets.get_many([(APP, "ninjaone_client_id")])
+        assert found == {(APP, "ninjaone_client_id"): CLIENT_ID.encode()}

@@ -17,7 +17,7 @@ from tokend import config as config_module
 from tokend import metrics, web
 from tokend.config import Config
 from tokend.daemon import Daemon
-from tokend.errors import ConfigErrors
+from tokend.errors import ConfigError, ConfigErrors
 from tokend.logs import configure_logging, set_level
 
 logger = logging.getLogger(__name__)
@@ -67,19 +67,22 @@ def reload(daemon: Daemon) -> bool:
     """Re-read the config file; keep the running config if it is invalid."""
     try:
         new = config_module.load(daemon.config.source)
-    except ConfigErrors as exc:
+        # The secret store checks what the file alone cannot (key material)
+        # before anything of the new config applies.
+        restart = [] if daemon.secrets is None else daemon.secrets.reload(new.secrets)
+    except (ConfigErrors, ConfigError) as exc:
+        errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
         metrics.config_reloads.labels("failure").inc()
         logger.error(
             "config reload rejected; keeping the running config",
-            extra={"errors": [str(e) for e in exc.errors]},
+            extra={"errors": [str(e) for e in errors]},
         )
         return False
     set_level(new.log.level)
-    if daemon.secrets is not None:
-        for key in daemon.secrets.reload(new.secrets):
-            logger.warning(
-                "setting changed; takes effect after a restart", extra={"key": key}
-            )
+    for key in restart:
+        logger.warning(
+            "setting changed; takes effect after a restart", extra={"key": key}
+        )
     daemon.config = new
     metrics.config_reloads.labels("success").inc()
     logger.info("config reloaded", extra={"source": new.source})

@@ -47,9 +47,18 @@ logger = logging.getLogger(__name__)
 # Versions remembered for check-and-set; a miss costs one extra read.
 _REMEMBERED = 4096
 _CAS_MISMATCH = "check-and-set parameter did not match"
-# Settings that move where secrets are, or how Vault is reached.
-_RESTART = ("address", "namespace", "mount", "app_path", "tenant_path", "field")
-_RESTART_TOO = ("ca_file", "connections")
+# Settings that move where secrets are, or how Vault is reached: changing
+# them under a running refresh could read one place and write another.
+_RESTART = (
+    "address",
+    "namespace",
+    "mount",
+    "app_path",
+    "tenant_path",
+    "field",
+    "ca_file",
+    "connections",
+)
 
 
 @dataclass(frozen=True)
@@ -167,13 +176,13 @@ class VaultSecretStore:
         new = config.vault
         restart = [
             f"secrets.vault.{name}"
-            for name in (*_RESTART, *_RESTART_TOO)
+            for name in _RESTART
             if getattr(new, name) != getattr(self.config, name)
         ]
         if new.token is not None and new.token != self._token:
             self._token = new.token
             logger.info("vault token reloaded")
-        kept = {name: getattr(self.config, name) for name in (*_RESTART, *_RESTART_TOO)}
+        kept = {name: getattr(self.config, name) for name in _RESTART}
         self.config = dataclasses.replace(new, **kept)
         return restart
 
