@@ -358,3 +358,31 @@ async def test_rotate_key_while_the_daemon_refreshes(
         current = await stored(new_store, key)
         assert world.endpoint.refresh_token_valid(current.refresh_token)
     assert [r for r in world.endpoint.log if r.result != "ok"] == []
+
+
+async def test_a_store_outage_near_expiry_sends_the_expiring_alert(
+    world: World, tmp_path: Path
+) -> None:
+    base = tmp_path / "host-secrets"
+    base.mkdir()
+    # Two seconds between the schedule and the refresh, to unmount in.
+    config = world.config(secrets=files_secrets(base), scheduler={"min_delay_s": 2.0})
+    store = open_store(config, None)
+    await seed_clients(store)
+    async with running(config):
+        key = await connect(world, store, fresh_credentials(world, expires_in_s=120))
+        await lifecycle_where(world, key, status="scheduled")
+        # The folder goes away (an unmounted volume) before the refresh.
+        base.rename(tmp_path / "unmounted")
+        await eventually(lambda: _has_event(world, key, "INTEGRATION_TOKEN_EXPIRING"))
+        (tmp_path / "unmounted").rename(base)
+        await eventually(lambda: _has_event(world, key, "INTEGRATION_TOKEN_RECOVERED"))
+    failed = [e for e in await world.events(key) if e["type"].endswith("FAILED")]
+    assert {e["error_code"] for e in failed} == {"secret_store_unreadable"}
+    expiring = await _has_event(world, key, "INTEGRATION_TOKEN_EXPIRING")
+    assert expiring["error_code"] == "secret_store_unreadable"
+
+
+async def _has_event(world: World, key: IntegrationKey, kind: str) -> Any:
+    found = [e for e in await world.events(key) if e["type"] == kind]
+    return found[0] if found else None

@@ -353,8 +353,8 @@ class Refresher:
             owner_id=self.config.instance_id,
         )
         events = [self._event(FAILED, row, expires_at, outcome)]
-        lapse_at = (expires_at or now) - self.config.retry.expiring_warning_s
-        lapsing = expires_at is not None and now + delay >= lapse_at
+        warning_s = self.config.retry.expiring_warning_s
+        lapsing = expires_at is not None and now + delay >= expires_at - warning_s
         if lapsing and current.expiring_notified_for != expires_at:
             events.append(self._event(EXPIRING, row, expires_at, outcome))
             lifecycle = lifecycle.replace(expiring_notified_for=expires_at)
