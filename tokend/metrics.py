@@ -86,3 +86,9 @@ events_emitted = Counter(
     ["type"],
     registry=REGISTRY,
 )
+unconfigured_provider = Counter(
+    "tokend_unconfigured_provider_total",
+    "Integrations made unschedulable because their provider is not configured "
+    "(the provider's name is in the log, once)",
+    registry=REGISTRY,
+)
