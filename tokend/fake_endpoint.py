@@ -140,6 +140,10 @@ class FakeTokenEndpoint:
             answer["refresh_token"] = token
         return answer
 
+    def issued(self) -> list[str]:
+        """Every access and refresh token handed out so far (for leak scans)."""
+        return [*self._access, *self._refresh]
+
     def refresh_token_valid(self, token: str) -> bool:
         record = self._refresh.get(token)
         return record is not None and self._usable(record, time.time())
@@ -216,7 +220,8 @@ class FakeTokenEndpoint:
             except (binascii.Error, UnicodeDecodeError):
                 return None
             # RFC 6749 2.3.1: each half is form-urlencoded.
-            client_id, _, client_secret = map(unquote, pair.partition(":")[::2])
+            login, _, password = pair.partition(":")
+            client_id, client_secret = unquote(login), unquote(password)
         else:
             client_id = form.get("client_id", "")
             client_secret = form.get("client_secret", "")

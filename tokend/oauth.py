@@ -9,6 +9,7 @@ sanitized error code only.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import time
@@ -96,12 +97,13 @@ async def request_refresh(
     Redirects are not followed: the form carries the client secret.
     """
     form = {"grant_type": "refresh_token", "refresh_token": grant.refresh_token}
-    auth = None
+    headers = {"Accept": "application/json"}
     if grant.client_auth == "client_secret_basic":
         # RFC 6749 2.3.1: both are form-urlencoded before going into the header.
-        auth = aiohttp.BasicAuth(
-            quote(grant.client_id, safe=""), quote(grant.client_secret, safe="")
+        pair = (
+            f"{quote(grant.client_id, safe='')}:{quote(grant.client_secret, safe='')}"
         )
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     else:
         form["client_id"] = grant.client_id
         form["client_secret"] = grant.client_secret
@@ -111,8 +113,7 @@ async def request_refresh(
         async with session.post(
             grant.url,
             data=form,
-            auth=auth,
-            headers={"Accept": "application/json"},
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,
         ) as response:

@@ -598,6 +598,11 @@ class Refresher:
         work: _Work,
         outcome: oauth.Outcome | None = None,
     ) -> None:
+        recorded = (current.last_refresh_failure or {}).get("code")
+        if current.status == "unschedulable" and recorded == error.code:
+            # Recorded once: a notification that changes nothing adds no
+            # event, no metric and no log line.
+            return
         now = time.time()
         failure = Failure(
             error.code,
