@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.helpers import SECRET_KEY, write_config
-from tokend.config import Config, ProviderConfig, parse
+from tokend.config import Config, ProviderConfig, load, parse
 from tokend.errors import ConfigErrors, TokenURLRefused
 from tokend.providers import NINJAONE_HOSTS, Provider
 
@@ -279,3 +280,37 @@ def test_a_provider_config_built_by_hand_is_checked_too() -> None:
     bad = ProviderConfig(kind="oauth2", token_url="http://auth.acme.test/token")
     with pytest.raises(TokenURLRefused, match="loopback"):
         Provider("acme", bad).token_url(None)
+
+
+# -- the documented examples ---------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _examples() -> list[str]:
+    """The commented provider examples of config.example.toml, uncommented,
+    and the TOML block of docs/providers.md."""
+    example = (ROOT / "config.example.toml").read_text()
+    commented = example[example.index("# [providers.acme]") :].splitlines()
+    uncommented = "\n".join(line.removeprefix("#").strip() for line in commented)
+    doc = (ROOT / "docs" / "providers.md").read_text()
+    block = doc[doc.index("```toml\n") + 8 :]
+    return [uncommented, block[: block.index("```")]]
+
+
+@pytest.mark.parametrize("snippet", _examples(), ids=["config.example", "docs"])
+def test_documented_provider_examples_are_valid(snippet: str) -> None:
+    doc = tomllib.loads(snippet)
+    base = {"database": {"dsn": "postgresql://x"}, "secrets": {"key": SECRET_KEY}}
+    config = parse({**base, **doc}, {"ACME_CLIENT_SECRET": "x"}, "docs")
+    assert {"acme", "vendor", "ninjaone"} <= set(config.providers)
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    text = (ROOT / "config.example.toml").read_text()
+    key_file = tmp_path / "secret.key"
+    key_file.write_text(SECRET_KEY)
+    path = tmp_path / "config.toml"
+    path.write_text(text.replace("/etc/tokend/secret.key", str(key_file)))
+    config = load(path, {"TOKEND_DATABASE_DSN": "postgresql://x"})
+    assert set(config.providers) == {"ninjaone"}

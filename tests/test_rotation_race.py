@@ -111,7 +111,7 @@ async def test_host_refresh_between_read_and_request_is_no_reconnect(
     assert RECONNECT not in [e["type"] for e in await world.events(key)]
 
 
-@pytest.mark.parametrize("recheck_s", [1.0, 0.0])
+@pytest.mark.parametrize("recheck_s", [2.0, 0.0])
 async def test_host_store_landing_after_the_refusal(
     world: World, recheck_s: float
 ) -> None:
