@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from prometheus_client import generate_latest
 
+from tokend import oauth
 from tokend.config import Config
 from tokend.daemon import secret_store
 from tokend.db import create_pool
@@ -45,9 +45,8 @@ async def refresher(
 ) -> AsyncIterator[Refresher]:
     """A Refresher as the daemon builds it; the resolver replaces DNS."""
     pool = await create_pool(config)
-    connector = aiohttp.TCPConnector(resolver=resolver) if resolver else None
     try:
-        async with aiohttp.ClientSession(connector=connector) as session:
+        async with oauth.session(resolver) as session:
             yield Refresher(
                 config,
                 pool,

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import logging
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -20,6 +21,7 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver
 
 from tokend.logs import scrub
 
@@ -83,6 +85,18 @@ class Grant:
         return f"Grant(url={self.url!r}, <secrets hidden>)"
 
 
+def session(resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:
+    """The HTTP client of all refreshes: certificates verified with the
+    system's trust store, never otherwise; `resolver` replaces DNS (tests)."""
+    connector = aiohttp.TCPConnector(
+        limit=0, ttl_dns_cache=300, ssl=ssl.create_default_context(), resolver=resolver
+    )
+    # Each request has its own timeout; this one only bounds a forgotten one.
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+    )
+
+
 async def request_refresh(
     session: aiohttp.ClientSession,
     grant: Grant,
@@ -100,9 +114,9 @@ async def request_refresh(
     headers = {"Accept": "application/json"}
     if grant.client_auth == "client_secret_basic":
         # RFC 6749 2.3.1: both are form-urlencoded before going into the header.
-        pair = (
-            f"{quote(grant.client_id, safe='')}:{quote(grant.client_secret, safe='')}"
-        )
+        login = quote(grant.client_id, safe="")
+        password = quote(grant.client_secret, safe="")
+        pair = f"{login}:{password}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     else:
         form["client_id"] = grant.client_id

@@ -624,6 +624,7 @@ class Refresher:
         label = "client_rejected" if outcome else "unschedulable"
         await self._commit(conn, row, lifecycle, events, label, work)
         if error.code == NOT_CONFIGURED:
+            # _commit keeps the lifecycle only if the row was written.
             work.unconfigured = work.lifecycle is lifecycle
             self._report_unconfigured(row)
         elif self._reported.get(row.key) != error.code:
