@@ -152,6 +152,7 @@ class World:
         credentials: bytes | None = None,
         instance_url: str | None = None,
         provider: str = "ninjaone",
+        secret_name: str = "ninjaone_credentials",
     ) -> IntegrationKey:
         """Seed an integration as the host app's OAuth connect would."""
         key = IntegrationKey(uuid.uuid4(), uuid.uuid4())
@@ -163,7 +164,7 @@ class World:
                 grant["access_token"], grant["refresh_token"], expires_ms, url, {}
             ).dumps()
         if credentials:
-            await self.secrets.put(key.tenant, "ninjaone_credentials", credentials)
+            await self.secrets.put(key.tenant, secret_name, credentials)
         await self.conn.execute(
             "INSERT INTO rmm_integrations (tenant, integration_id, provider,"
             " instance_url, settings) VALUES ($1, $2, $3, $4, $5::jsonb)",
@@ -191,8 +192,10 @@ class World:
         )
         return None if raw is None else orjson.loads(raw)  # type: ignore[no-any-return]
 
-    async def credentials(self, key: IntegrationKey) -> Credentials:
-        raw = await self.secrets.get(key.tenant, "ninjaone_credentials")
+    async def credentials(
+        self, key: IntegrationKey, secret_name: str = "ninjaone_credentials"
+    ) -> Credentials:
+        raw = await self.secrets.get(key.tenant, secret_name)
         assert raw is not None
         return Credentials.parse(raw)
 

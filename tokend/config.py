@@ -11,8 +11,10 @@ key) may instead be given as `x_env` (the name of an environment variable) or
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,6 +24,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from tokend.errors import ConfigError, ConfigErrors, SecretError
+from tokend.providers import check_token_url, host_pattern
 from tokend.secrets import check_name
 
 Check = Callable[[Any], Any]
@@ -98,10 +101,21 @@ def _listen(value: Any) -> str:
     return text
 
 
-def _url_list(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("expected a list of URL strings")
-    return tuple(value)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_PATH = re.compile(r"(/[A-Za-z0-9_.~-]+)+/?")
+
+
+def _token_path(value: Any) -> str:
+    text = _text(value)
+    if not _PATH.fullmatch(text) or "/../" in text + "/" or "/./" in text + "/":
+        raise ValueError(f"expected a path such as /oauth/token, got {text!r}")
+    return text
+
+
+def _host_patterns(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of host patterns")
+    return tuple(host_pattern(item) for item in value)
 
 
 def _secret_name(value: Any) -> str:
@@ -175,8 +189,11 @@ def setting(default: Any, check: Check, doc: str = "") -> Any:
 
 
 def secret(doc: str = "", *, required: bool = False) -> Any:
+    # repr=False: a config printed in a traceback or a debugger shows no secret.
     return field(
-        default=None, metadata={"secret": True, "required": required, "doc": doc}
+        default=None,
+        repr=False,
+        metadata={"secret": True, "required": required, "doc": doc},
     )
 
 
@@ -226,6 +243,10 @@ class RetryConfig:
     max_s: float = setting(300.0, _seconds())
     retry_after_cap_s: float = setting(900.0, _seconds())
     expiring_warning_s: float = setting(300.0, _seconds(allow_zero=True))
+    # After invalid_grant with an unchanged stored refresh token, look again
+    # this much later: a host app refreshing without tokend's lock may hold
+    # the rotated token and not have stored it yet.
+    rotation_recheck_s: float = setting(2.0, _seconds(allow_zero=True))
 
 
 @dataclass(frozen=True)
@@ -287,16 +308,22 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class ProviderConfig:
-    kind: str = setting("ninjaone", _choice("ninjaone", "oauth2"))
-    token_path: str = setting("/oauth/token", _text)
-    token_urls: tuple[str, ...] = setting((), _url_list)
+    """One `[providers.NAME]` table; NAME is the `provider` column's value.
+
+    Empty `kind` and secret names are filled in from NAME by the loader.
+    """
+
+    kind: str = setting("", _choice("ninjaone", "oauth2"))
+    token_path: str = setting("/oauth/token", _token_path)
+    token_url: str = setting("", _text)
+    token_hosts: tuple[str, ...] = setting((), _host_patterns)
     client_auth: str = setting(
         "client_secret_post", _choice("client_secret_post", "client_secret_basic")
     )
     scope: str = setting("", lambda v: v if v == "" else _text(v))
-    credentials_secret: str = setting("ninjaone_credentials", _secret_name)
-    client_id_secret: str = setting("ninjaone_client_id", _secret_name)
-    client_secret_secret: str = setting("ninjaone_client_secret", _secret_name)
+    credentials_secret: str = setting("", _secret_name)
+    client_id_secret: str = setting("", _secret_name)
+    client_secret_secret: str = setting("", _secret_name)
     client_id: str | None = secret("fallback client id")
     client_secret: str | None = secret("fallback client secret")
     allow_http_loopback: bool = setting(False, _flag)
@@ -432,19 +459,67 @@ class _Loader:
         if not isinstance(table, dict):
             self.errors.append(ConfigError("providers", "expected a table"))
             table = {}
-        result = {"ninjaone": ProviderConfig()}
-        for name, sub in table.items():
+        result = {}
+        for name, sub in {"ninjaone": {}, **table}.items():
             path = f"providers.{name}"
+            if not _NAME.fullmatch(name) or len(name) > 63:
+                problem = "a provider name is [A-Za-z0-9_.-], at most 63 characters"
+                self.errors.append(ConfigError(path, problem))
+                continue
             if not isinstance(sub, dict):
                 self.errors.append(ConfigError(path, "expected a table"))
                 continue
-            provider = self.section(ProviderConfig, sub, path)
-            if provider.kind == "oauth2" and not provider.token_urls:
-                self.errors.append(
-                    ConfigError(f"{path}.token_urls", "required for kind oauth2")
-                )
+            provider = _named(name, self.section(ProviderConfig, sub, path))
+            self.errors.extend(_provider_checks(provider, sub, path))
             result[name] = provider
         return result
+
+
+def _named(name: str, provider: ProviderConfig) -> ProviderConfig:
+    """Fill in what defaults to the provider's name."""
+    return dataclasses.replace(
+        provider,
+        kind=provider.kind or ("ninjaone" if name == "ninjaone" else "oauth2"),
+        credentials_secret=provider.credentials_secret or f"{name}_credentials",
+        client_id_secret=provider.client_id_secret or f"{name}_client_id",
+        client_secret_secret=provider.client_secret_secret or f"{name}_client_secret",
+    )
+
+
+def _provider_checks(
+    provider: ProviderConfig, given: Mapping[str, Any], path: str
+) -> list[ConfigError]:
+    """Where the token URL comes from: built in (ninjaone), one fixed URL, or
+    the integration's instance_url restricted to host patterns (oauth2)."""
+    if provider.kind == "ninjaone":
+        return [
+            ConfigError(
+                f"{path}.{key}", "only for kind oauth2; NinjaOne's hosts are built in"
+            )
+            for key in ("token_url", "token_hosts")
+            if key in given
+        ]
+    if "token_url" in given and "token_hosts" in given:
+        return [
+            ConfigError(
+                f"{path}.token_hosts", "give token_url or token_hosts, not both"
+            )
+        ]
+    if "token_url" in given:
+        try:
+            check_token_url(provider.token_url, provider.allow_http_loopback)
+        except ValueError as exc:
+            return [ConfigError(f"{path}.token_url", str(exc))]
+        return []
+    if "token_hosts" not in given:
+        return [
+            ConfigError(
+                f"{path}.token_url",
+                "kind oauth2 needs token_url "
+                "(one fixed URL) or token_hosts (host patterns)",
+            )
+        ]
+    return []
 
 
 _SECTIONS: dict[str, type] = {

@@ -13,10 +13,9 @@ import random
 import time
 from typing import Any
 
-import aiohttp
 import anyio
 
-from tokend import metrics, policy
+from tokend import metrics, oauth, policy
 from tokend.config import Config
 from tokend.db import Conn, create_pool
 from tokend.dispatcher import Dispatcher
@@ -62,13 +61,9 @@ class Daemon:
     async def run(self) -> None:
         """Run until stop(); leadership is released on the way out."""
         pool = await create_pool(self.config)
-        timeout = aiohttp.ClientTimeout(total=60)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self.secrets = open_store(self.config, pool)
         try:
-            async with aiohttp.ClientSession(
-                timeout=timeout, connector=connector
-            ) as session:
+            async with oauth.session() as session:
                 self.refresher = Refresher(
                     self.config,
                     pool,

@@ -92,3 +92,9 @@ secret_store_errors = Counter(
     ["store", "code"],
     registry=REGISTRY,
 )
+unconfigured_provider = Counter(
+    "tokend_unconfigured_provider_total",
+    "Integrations made unschedulable because their provider is not configured "
+    "(the provider's name is in the log, once)",
+    registry=REGISTRY,
+)
