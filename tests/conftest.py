@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from tests.bao import Bao
 from tests.helpers import CLIENT_ID, CLIENT_SECRET, World
 from tokend.embedded import EmbeddedPostgres
 from tokend.fake_endpoint import FakeTokenEndpoint
@@ -121,3 +122,13 @@ async def endpoint() -> AsyncIterator[FakeTokenEndpoint]:
 async def world(dsn: str, endpoint: FakeTokenEndpoint) -> AsyncIterator[World]:
     async with World.open(dsn, endpoint) as w:
         yield w
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
+    """One OpenBao dev server for the run; tests keep to their own paths."""
+    server = Bao(tmp_path_factory.mktemp("bao")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

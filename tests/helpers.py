@@ -25,9 +25,10 @@ import orjson
 
 from tokend.config import Config, parse
 from tokend.credentials import Credentials
-from tokend.daemon import Daemon, secret_store
+from tokend.daemon import Daemon
 from tokend.fake_endpoint import FakeTokenEndpoint
-from tokend.secrets import APP, PostgresSecretStore
+from tokend.secrets import APP
+from tokend.secrets.postgres import PostgresSecretStore, postgres_store
 from tokend.store import IntegrationKey
 
 CLIENT_ID = "test-client"
@@ -132,7 +133,7 @@ class World:
     @asynccontextmanager
     async def open(cls, dsn: str, endpoint: FakeTokenEndpoint) -> AsyncIterator[World]:
         conn = await asyncpg.connect(dsn)
-        store = secret_store(make_config(dsn), conn)
+        store = postgres_store(make_config(dsn).secrets, conn)
         world = cls(dsn, conn, endpoint, store)
         await store.put(APP, "ninjaone_client_id", CLIENT_ID.encode())
         await store.put(APP, "ninjaone_client_secret", CLIENT_SECRET.encode())
@@ -153,6 +154,7 @@ class World:
         credentials: bytes | None = None,
         instance_url: str | None = None,
         provider: str = "ninjaone",
+        secret_name: str = "ninjaone_credentials",
     ) -> IntegrationKey:
         """Seed an integration as the host app's OAuth connect would."""
         key = IntegrationKey(uuid.uuid4(), uuid.uuid4())
@@ -164,7 +166,7 @@ class World:
                 grant["access_token"], grant["refresh_token"], expires_ms, url, {}
             ).dumps()
         if credentials:
-            await self.secrets.put(key.tenant, "ninjaone_credentials", credentials)
+            await self.secrets.put(key.tenant, secret_name, credentials)
         await self.conn.execute(
             "INSERT INTO rmm_integrations (tenant, integration_id, provider,"
             " instance_url, settings) VALUES ($1, $2, $3, $4, $5::jsonb)",
@@ -192,8 +194,10 @@ class World:
         )
         return None if raw is None else orjson.loads(raw)  # type: ignore[no-any-return]
 
-    async def credentials(self, key: IntegrationKey) -> Credentials:
-        raw = await self.secrets.get(key.tenant, "ninjaone_credentials")
+    async def credentials(
+        self, key: IntegrationKey, secret_name: str = "ninjaone_credentials"
+    ) -> Credentials:
+        raw = await self.secrets.get(key.tenant, secret_name)
         assert raw is not None
         return Credentials.parse(raw)
 

@@ -38,6 +38,8 @@ METRICS = {
     "tokend_config_reloads_total",
     "tokend_events_emitted_total",
     "tokend_tokens_expired",
+    "tokend_secret_store_errors_total",
+    "tokend_unconfigured_provider_total",
 }
 HISTOGRAMS = {
     "tokend_refresh_duration_seconds",

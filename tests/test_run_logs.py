@@ -87,8 +87,10 @@ async def test_each_decision_is_one_json_line_with_its_context(
     f = {"tenant": str(flaky.tenant), "integration_id": str(flaky.integration_id)}
     d = {"tenant": str(dead.tenant), "integration_id": str(dead.integration_id)}
     assert one("leadership gained")["role"] == "leader"
-    decision = one("refresh scheduled", **h)
-    assert decision["source"] == "oauth_connected" and "next_refresh_at" in decision
+    # A load that runs before the notification backfills first: either way
+    # the connect itself is one decision line.
+    decision = one("refresh scheduled", source="oauth_connected", **h)
+    assert "next_refresh_at" in decision
     assert one("refresh started", **h)["provider"] == "ninjaone"
     success = one("refresh succeeded", **h)
     assert success["new_expires_at"] > success["old_expires_at"]

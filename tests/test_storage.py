@@ -8,10 +8,12 @@ import uuid
 import asyncpg
 import pytest
 
-from tokend.errors import ConfigError, SecretError
+from tokend.errors import ConfigError, SecretUnavailable
 from tokend.keys import integration_key, leader_key, lock_key
 from tokend.migrate import migrate
-from tokend.secrets import APP, Cipher, PostgresSecretStore, decode_key
+from tokend.secrets import APP
+from tokend.secrets.cipher import Cipher, decode_key
+from tokend.secrets.postgres import PostgresSecretStore
 
 pytestmark = pytest.mark.anyio
 
@@ -59,12 +61,12 @@ async def test_secrets_are_sealed_and_bound_to_tenant_and_name(dsn: str) -> None
         # A row moved to another tenant no longer opens.
         other = uuid.uuid4()
         await conn.execute("UPDATE tokend_secrets SET tenant = $1", other)
-        with pytest.raises(SecretError) as caught:
+        with pytest.raises(SecretUnavailable) as caught:
             await store.get(other, "creds")
         assert "k1" in str(caught.value) and "value" not in str(caught.value)
 
         wrong = PostgresSecretStore(conn, Cipher({"k2": b"b" * 32}, "k2"))
-        with pytest.raises(SecretError, match="unknown key id 'k1'"):
+        with pytest.raises(SecretUnavailable, match="key id 'k1', which is not"):
             await wrong.get(other, "creds")
     finally:
         await conn.close()

@@ -10,8 +10,10 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+from uuid import UUID
 
-from tokend.errors import ConfigErrors, TokendError
+from tokend.errors import ConfigErrors, SecretError, TokendError
+from tokend.secrets import APP, check_name
 
 if TYPE_CHECKING:
     from tokend.store import IntegrationKey
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(refresh)
     _integration_args(refresh)
     _wait_arg(refresh)
+    _secrets_parser(commands.add_parser("secrets", help="put, get, rotate-key"))
 
     demo = commands.add_parser("demo", help="the main job on an embedded default")
     demo.add_argument("--integrations", type=int, default=25)
@@ -138,6 +141,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
     demo.add_argument("--json", action="store_true", help="print a summary object")
     return parser
+
+
+def _tenant(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a uuid: {text!r}") from None
+
+
+def _secret_name(text: str) -> str:
+    try:
+        return check_name(text)
+    except SecretError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _secrets_parser(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    put = actions.add_parser("put", help="store the value read from standard input")
+    get = actions.add_parser("get", help="show a secret's metadata")
+    for sub in (put, get):
+        _config_arg(sub)
+        sub.add_argument(
+            "--tenant", type=_tenant, default=APP, help="tenant uuid (default: app)"
+        )
+        sub.add_argument("name", type=_secret_name)
+    get.add_argument("--reveal", action="store_true", help="print the value itself")
+    rotate = actions.add_parser(
+        "rotate-key", help="re-encrypt the postgres store with the current key"
+    )
+    _config_arg(rotate)
+    rotate.add_argument("--batch", type=int, default=500, help="rows a transaction")
+    rotate.add_argument(
+        "--wait", type=float, default=10.0, help="seconds to retry locked rows"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -154,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "notify": _notify,
         "reset": _reset,
         "refresh": _refresh,
+        "secrets": _secrets,
         "demo": _demo,
     }
     try:
@@ -285,6 +324,12 @@ def _migrate(args: argparse.Namespace) -> int:
     applied = anyio.run(apply)
     print("applied: " + ", ".join(applied) if applied else "schema up to date")
     return EXIT_OK
+
+
+def _secrets(args: argparse.Namespace) -> int:
+    from tokend.secrets import commands
+
+    return commands.run(args)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -11,15 +11,21 @@ key) may instead be given as `x_env` (the name of an environment variable) or
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
-from tokend.errors import ConfigError, ConfigErrors
+from tokend.errors import ConfigError, ConfigErrors, SecretError
+from tokend.providers import check_token_url, host_pattern
+from tokend.secrets import check_name
 
 Check = Callable[[Any], Any]
 T = TypeVar("T")
@@ -95,10 +101,87 @@ def _listen(value: Any) -> str:
     return text
 
 
-def _url_list(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("expected a list of URL strings")
-    return tuple(value)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_PATH = re.compile(r"(/[A-Za-z0-9_.~-]+)+/?")
+
+
+def _token_path(value: Any) -> str:
+    text = _text(value)
+    if not _PATH.fullmatch(text) or "/../" in text + "/" or "/./" in text + "/":
+        raise ValueError(f"expected a path such as /oauth/token, got {text!r}")
+    return text
+
+
+def _host_patterns(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of host patterns")
+    return tuple(host_pattern(item) for item in value)
+
+
+def _secret_name(value: Any) -> str:
+    try:
+        return check_name(_text(value))
+    except SecretError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _key_id(value: Any) -> str:
+    text = _text(value)
+    if len(text) > 64 or not text.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"expected a key id of [A-Za-z0-9_-], got {text!r}")
+    return text
+
+
+def _path(value: Any) -> str:
+    if value == "":
+        return ""
+    text = _text(value)
+    if not os.path.isabs(text) or "\0" in text:
+        raise ValueError(f"expected an absolute path, got {text!r}")
+    return text
+
+
+def _vault_address(value: Any) -> str:
+    if value == "":
+        return ""
+    text = _text(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s)://host:port URL, got {text!r}")
+    if parts.path or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"expected scheme, host and port only, got {text!r}")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        # The token would cross the network in clear text.
+        raise ValueError(f"plain http only to a loopback address, got {text!r}")
+    return text
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _vault_path(value: Any, *, empty: bool = False) -> str:
+    if empty and value == "":
+        return ""
+    text = _text(value)
+    segments = text.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or "\0" in segment or "{" in segment:
+            raise ValueError(f"expected a path like a/b/c, got {text!r}")
+    return text
+
+
+def _tenant_template(value: Any) -> str:
+    text = _text(value)
+    if text.count("{tenantId}") != 1:
+        raise ValueError(f"expected one {{tenantId}} in the path, got {text!r}")
+    _vault_path(text.replace("{tenantId}", "t"))
+    return text
 
 
 def setting(default: Any, check: Check, doc: str = "") -> Any:
@@ -106,9 +189,17 @@ def setting(default: Any, check: Check, doc: str = "") -> Any:
 
 
 def secret(doc: str = "", *, required: bool = False) -> Any:
+    # repr=False: a config printed in a traceback or a debugger shows no secret.
     return field(
-        default=None, metadata={"secret": True, "required": required, "doc": doc}
+        default=None,
+        repr=False,
+        metadata={"secret": True, "required": required, "doc": doc},
     )
+
+
+def keyring(doc: str = "") -> Any:
+    """A table of secret keys by id: `[x.<id>]` holding key, key_env or key_file."""
+    return field(default_factory=dict, metadata={"keyring": True, "doc": doc})
 
 
 @dataclass(frozen=True)
@@ -152,6 +243,10 @@ class RetryConfig:
     max_s: float = setting(300.0, _seconds())
     retry_after_cap_s: float = setting(900.0, _seconds())
     expiring_warning_s: float = setting(300.0, _seconds(allow_zero=True))
+    # After invalid_grant with an unchanged stored refresh token, look again
+    # this much later: a host app refreshing without tokend's lock may hold
+    # the rotated token and not have stored it yet.
+    rotation_recheck_s: float = setting(2.0, _seconds(allow_zero=True))
 
 
 @dataclass(frozen=True)
@@ -173,10 +268,35 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class FilesConfig:
+    base: str = setting("", _path, "the host app's secrets folder")
+    max_bytes: int = setting(1 << 20, _count(), "a larger secret file is an error")
+    io_timeout_s: float = setting(5.0, _seconds())
+    threads: int = setting(8, _count(), "file operations at once")
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    address: str = setting("", _vault_address, "https://host:8200")
+    token: str | None = secret("Vault token; re-read on SIGHUP")
+    namespace: str = setting("", lambda v: _vault_path(v, empty=True))
+    mount: str = setting("secret", _vault_path, "KV v2 mount")
+    app_path: str = setting("tokend", _vault_path)
+    tenant_path: str = setting("tokend/tenants/{tenantId}", _tenant_template)
+    field: str = setting("value", _text, "the key of a secret's data")
+    timeout_s: float = setting(10.0, _seconds(), "per request")
+    ca_file: str = setting("", _path, "CA bundle for the server's certificate")
+    connections: int = setting(32, _count(), "requests in flight at once")
+
+
+@dataclass(frozen=True)
 class SecretsConfig:
-    backend: str = setting("postgres", _choice("postgres"))
-    key: str = secret("base64 of a 32-byte AES-256-GCM key", required=True)
-    key_id: str = setting("k1", _text)
+    backend: str = setting("postgres", _choice("postgres", "files", "vault"))
+    key: str | None = secret("base64 of a 32-byte AES-256-GCM key")
+    key_id: str = setting("k1", _key_id, "id of the key new writes use")
+    old_keys: Mapping[str, str] = keyring("older keys, still opened for rotation")
+    files: FilesConfig = field(default_factory=FilesConfig)
+    vault: VaultConfig = field(default_factory=VaultConfig)
 
 
 @dataclass(frozen=True)
@@ -188,16 +308,22 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class ProviderConfig:
-    kind: str = setting("ninjaone", _choice("ninjaone", "oauth2"))
-    token_path: str = setting("/oauth/token", _text)
-    token_urls: tuple[str, ...] = setting((), _url_list)
+    """One `[providers.NAME]` table; NAME is the `provider` column's value.
+
+    Empty `kind` and secret names are filled in from NAME by the loader.
+    """
+
+    kind: str = setting("", _choice("ninjaone", "oauth2"))
+    token_path: str = setting("/oauth/token", _token_path)
+    token_url: str = setting("", _text)
+    token_hosts: tuple[str, ...] = setting((), _host_patterns)
     client_auth: str = setting(
         "client_secret_post", _choice("client_secret_post", "client_secret_basic")
     )
     scope: str = setting("", lambda v: v if v == "" else _text(v))
-    credentials_secret: str = setting("ninjaone_credentials", _text)
-    client_id_secret: str = setting("ninjaone_client_id", _text)
-    client_secret_secret: str = setting("ninjaone_client_secret", _text)
+    credentials_secret: str = setting("", _secret_name)
+    client_id_secret: str = setting("", _secret_name)
+    client_secret_secret: str = setting("", _secret_name)
     client_id: str | None = secret("fallback client id")
     client_secret: str | None = secret("fallback client secret")
     allow_http_loopback: bool = setting(False, _flag)
@@ -246,13 +372,42 @@ class _Loader:
         for key in table:
             if key not in allowed:
                 self.errors.append(ConfigError(f"{path}.{key}", "unknown key"))
-        values = {}
+        values: dict[str, Any] = {}
         for f in declared:
             if f.metadata.get("secret"):
                 values[f.name] = self.secret(table, f.name, path, f.metadata)
+            elif f.metadata.get("keyring"):
+                values[f.name] = self.keyring(table.get(f.name, {}), f"{path}.{f.name}")
+            elif is_dataclass(f.default_factory):
+                sub = cast(type, f.default_factory)
+                sub_path = f"{path}.{f.name}"
+                values[f.name] = self.section(sub, table.get(f.name, {}), sub_path)
             elif f.name in table:
                 values[f.name] = self.value(table[f.name], f, f"{path}.{f.name}")
         return cls(**values)
+
+    def keyring(self, table: Any, path: str) -> dict[str, str]:
+        if not isinstance(table, dict):
+            self.errors.append(ConfigError(path, "expected a table of keys by id"))
+            return {}
+        found = {}
+        meta = {"required": True}
+        for key_id, sub in table.items():
+            where = f"{path}.{key_id}"
+            try:
+                _key_id(key_id)
+            except ValueError as exc:
+                self.errors.append(ConfigError(where, str(exc)))
+                continue
+            if not isinstance(sub, dict):
+                self.errors.append(ConfigError(where, "expected a table with key"))
+                continue
+            for extra in set(sub) - {"key", "key_env", "key_file"}:
+                self.errors.append(ConfigError(f"{where}.{extra}", "unknown key"))
+            material = self.secret(sub, "key", where, meta)
+            if material is not None:
+                found[key_id] = material
+        return found
 
     def value(self, raw: Any, f: Any, key: str) -> Any:
         try:
@@ -278,43 +433,93 @@ class _Loader:
                     )
                 )
             return None
-        key = f"{path}.{given[0]}"
-        raw = table[given[0]]
+        return self.resolve(table[given[0]], given[0], f"{path}.{given[0]}")
+
+    def resolve(self, raw: Any, given: str, key: str) -> str | None:
+        """The value of a secret given as x, x_env or x_file."""
         if not isinstance(raw, str) or not raw:
             self.errors.append(ConfigError(key, "expected a non-empty string"))
             return None
-        if given[0] == name:
-            return raw
-        if given[0].endswith("_env"):
+        if given.endswith("_env"):
             if raw not in self.env:
                 problem = f"environment variable {raw} is not set"
                 self.errors.append(ConfigError(key, problem))
                 return None
             return self.env[raw]
-        try:
-            return Path(raw).read_text().strip()
-        except OSError as exc:
-            problem = f"cannot read {raw}: {exc.strerror}"
-            self.errors.append(ConfigError(key, problem))
-            return None
+        if given.endswith("_file"):
+            try:
+                return Path(raw).read_text().strip()
+            except OSError as exc:
+                problem = f"cannot read {raw}: {exc.strerror}"
+                self.errors.append(ConfigError(key, problem))
+                return None
+        return raw
 
     def providers(self, table: Any) -> dict[str, ProviderConfig]:
         if not isinstance(table, dict):
             self.errors.append(ConfigError("providers", "expected a table"))
             table = {}
-        result = {"ninjaone": ProviderConfig()}
-        for name, sub in table.items():
+        result = {}
+        for name, sub in {"ninjaone": {}, **table}.items():
             path = f"providers.{name}"
+            if not _NAME.fullmatch(name) or len(name) > 63:
+                problem = "a provider name is [A-Za-z0-9_.-], at most 63 characters"
+                self.errors.append(ConfigError(path, problem))
+                continue
             if not isinstance(sub, dict):
                 self.errors.append(ConfigError(path, "expected a table"))
                 continue
-            provider = self.section(ProviderConfig, sub, path)
-            if provider.kind == "oauth2" and not provider.token_urls:
-                self.errors.append(
-                    ConfigError(f"{path}.token_urls", "required for kind oauth2")
-                )
+            provider = _named(name, self.section(ProviderConfig, sub, path))
+            self.errors.extend(_provider_checks(provider, sub, path))
             result[name] = provider
         return result
+
+
+def _named(name: str, provider: ProviderConfig) -> ProviderConfig:
+    """Fill in what defaults to the provider's name."""
+    return dataclasses.replace(
+        provider,
+        kind=provider.kind or ("ninjaone" if name == "ninjaone" else "oauth2"),
+        credentials_secret=provider.credentials_secret or f"{name}_credentials",
+        client_id_secret=provider.client_id_secret or f"{name}_client_id",
+        client_secret_secret=provider.client_secret_secret or f"{name}_client_secret",
+    )
+
+
+def _provider_checks(
+    provider: ProviderConfig, given: Mapping[str, Any], path: str
+) -> list[ConfigError]:
+    """Where the token URL comes from: built in (ninjaone), one fixed URL, or
+    the integration's instance_url restricted to host patterns (oauth2)."""
+    if provider.kind == "ninjaone":
+        return [
+            ConfigError(
+                f"{path}.{key}", "only for kind oauth2; NinjaOne's hosts are built in"
+            )
+            for key in ("token_url", "token_hosts")
+            if key in given
+        ]
+    if "token_url" in given and "token_hosts" in given:
+        return [
+            ConfigError(
+                f"{path}.token_hosts", "give token_url or token_hosts, not both"
+            )
+        ]
+    if "token_url" in given:
+        try:
+            check_token_url(provider.token_url, provider.allow_http_loopback)
+        except ValueError as exc:
+            return [ConfigError(f"{path}.token_url", str(exc))]
+        return []
+    if "token_hosts" not in given:
+        return [
+            ConfigError(
+                f"{path}.token_url",
+                "kind oauth2 needs token_url "
+                "(one fixed URL) or token_hosts (host patterns)",
+            )
+        ]
+    return []
 
 
 _SECTIONS: dict[str, type] = {
@@ -335,7 +540,12 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str], source: str) -> Confi
         values[name] = loader.section(cls, data.get(name, {}), name)
     values["providers"] = loader.providers(data.get("providers", {}))
     config = Config(**values, source=source)
-    loader.errors.extend(_cross_checks(config))
+    # A setting already reported (say, a key that is not base64) is not
+    # reported again as missing.
+    reported = [e.key for e in loader.errors]
+    for error in _cross_checks(config):
+        if not any(key.startswith(error.key) for key in reported):
+            loader.errors.append(error)
     if loader.errors:
         raise ConfigErrors(loader.errors)
     return config
@@ -362,6 +572,27 @@ def _cross_checks(config: Config) -> list[ConfigError]:
         )
     if config.retry.max_s < config.retry.initial_s:
         errors.append(ConfigError("retry.max_s", "must be at least retry.initial_s"))
+    return errors + _secrets_checks(config.secrets)
+
+
+def _secrets_checks(s: SecretsConfig) -> list[ConfigError]:
+    """What each backend needs; settings of the other backends are ignored."""
+    errors = []
+    if s.backend == "postgres" and s.key is None:
+        problem = "required for backend postgres (or key_env, key_file)"
+        errors.append(ConfigError("secrets.key", problem))
+    if s.key_id in s.old_keys:
+        problem = f"{s.key_id!r} is the current key_id; list only older keys here"
+        errors.append(ConfigError(f"secrets.old_keys.{s.key_id}", problem))
+    if s.backend == "files" and not s.files.base:
+        errors.append(ConfigError("secrets.files.base", "required for backend files"))
+    if s.backend == "vault":
+        if not s.vault.address:
+            problem = "required for backend vault"
+            errors.append(ConfigError("secrets.vault.address", problem))
+        if s.vault.token is None:
+            problem = "required for backend vault (or token_env, token_file)"
+            errors.append(ConfigError("secrets.vault.token", problem))
     return errors
 
 

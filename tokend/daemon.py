@@ -12,11 +12,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
-import aiohttp
 import anyio
-import asyncpg
 
 from tokend import metrics, oauth, policy
 from tokend.config import Config
@@ -28,7 +27,7 @@ from tokend.listener import Listener
 from tokend.refresher import Refresher
 from tokend.reload import ReloadRecord, changed_keys, policy_changed, split_reload
 from tokend.schedule import Schedule
-from tokend.secrets import Cipher, PostgresSecretStore, decode_key
+from tokend.secrets import SecretStore, open_store
 from tokend.store import IntegrationKey, LoadedRow, Store
 
 logger = logging.getLogger(__name__)
@@ -46,14 +45,6 @@ _CONFIG_FAILURES = sorted(
     {"provider_not_configured", "client_credentials_missing", "token_url_refused"}
     | oauth.CLIENT_CODES
 )
-
-
-def secret_store(config: Config, pool: asyncpg.Pool | Conn) -> PostgresSecretStore:
-    s = config.secrets
-    assert s.key is not None
-    return PostgresSecretStore(
-        pool, Cipher({s.key_id: decode_key(s.key, s.key_id)}, s.key_id)
-    )
 
 
 class Daemon:
@@ -90,6 +81,7 @@ class Daemon:
         metrics.heap_entries.set_function(lambda: len(self.schedule))
         metrics.next_deadline.set_function(self._seconds_to_next_deadline)
         metrics.declare_providers(config.providers)
+        self.secrets: SecretStore | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -112,16 +104,13 @@ class Daemon:
     async def run(self) -> None:
         """Run until stop(); leadership is released on the way out."""
         pool = await create_pool(self.config)
-        timeout = aiohttp.ClientTimeout(total=60)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self.secrets = open_store(self.config, pool)
         try:
-            async with aiohttp.ClientSession(
-                timeout=timeout, connector=connector
-            ) as session:
+            async with oauth.session() as session:
                 self.refresher = Refresher(
                     self.config,
                     pool,
-                    secret_store(self.config, pool),
+                    self.secrets,
                     self.store,
                     self.schedule,
                     session,
@@ -135,6 +124,7 @@ class Daemon:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.secrets.aclose()
                 await pool.close()
 
     async def _lead(self) -> None:
@@ -159,7 +149,9 @@ class Daemon:
 
     # -- reload -----------------------------------------------------------
 
-    async def reload(self, new: Config) -> ReloadRecord:
+    async def reload(
+        self, new: Config, store_restart: Sequence[str] = ()
+    ) -> ReloadRecord:
         """Apply a validated config without dropping leadership.
 
         Policy, concurrency, rate limits and provider settings take effect at
@@ -168,6 +160,7 @@ class Daemon:
         """
         old = self.config
         effective, restart = split_reload(old, new)
+        restart += store_restart
         changed = changed_keys(old, effective)
         self.config = effective
         if self.refresher is not None:

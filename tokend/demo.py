@@ -25,12 +25,13 @@ import orjson
 
 from tokend.config import Config, parse
 from tokend.credentials import Credentials
-from tokend.daemon import Daemon, secret_store
+from tokend.daemon import Daemon
 from tokend.embedded import EmbeddedPostgres
 from tokend.fake_endpoint import FakeTokenEndpoint
 from tokend.logs import configure_logging
 from tokend.migrate import migrate
 from tokend.secrets import APP
+from tokend.secrets.postgres import postgres_store
 
 CLIENT_ID = "tokend-demo"
 
@@ -139,7 +140,7 @@ class _Seeder:
         self.rng = random.Random()
 
     async def seed(self, count: int, *, notify: bool) -> None:
-        store = secret_store(self.config, self.conn)
+        store = postgres_store(self.config.secrets, self.conn)
         client_secret = self.endpoint.clients[CLIENT_ID]
         await store.put(APP, "ninjaone_client_id", CLIENT_ID.encode())
         await store.put(APP, "ninjaone_client_secret", client_secret.encode())
@@ -188,7 +189,7 @@ async def _summary(
     count: int,
     events: Counter[str],
 ) -> dict[str, Any]:
-    store = secret_store(config, conn)
+    store = postgres_store(config.secrets, conn)
     rows = await conn.fetch(
         "SELECT tenant, settings #>> '{tokenLifecycle,status}' AS status"
         " FROM rmm_integrations WHERE is_active"

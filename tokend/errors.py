@@ -33,10 +33,31 @@ class DatabaseError(UpstreamError):
 
 
 class SecretError(UpstreamError):
-    """A secret is missing, unreadable or cannot be decrypted.
+    """One secret is unusable as stored (not a regular file, too large, no
+    such key in its Vault data) or its name is refused.
 
-    The message names the tenant, the secret and the key id; never a value.
+    The message names the tenant, the secret, the path or the key id; never
+    a value.
     """
+
+
+class SecretUnavailable(UpstreamError):
+    """The secret store cannot answer now: denied, sealed, down, a key that
+    is not configured, or a concurrent writer. The integration waits and
+    retries with backoff; fixing the store (or the config, then SIGHUP)
+    heals it without anyone reconnecting. `code` says which.
+    """
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SecretConflict(SecretUnavailable):
+    """Someone else wrote the secret since it was read; nothing was written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="secret_write_conflict")
 
 
 class TokenURLRefused(TokendError):

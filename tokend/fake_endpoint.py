@@ -4,7 +4,9 @@ It behaves like the real one where tokend can tell: form-encoded requests,
 JSON answers with `expires_in`, refresh tokens rotated on every use, `400
 invalid_grant` for a reused or unknown refresh token, `401 invalid_client`
 for a wrong client secret. Optional: a rotation grace period (the previous
-refresh token stays valid for N seconds) and scripted faults.
+refresh token stays valid for N seconds), no rotation at all (answers carry
+no refresh_token and the old one stays valid, as RFC 6749 6 allows), and
+scripted faults (`Fault`), one per request in order.
 
 Run alone: `python -m tokend.fake_endpoint --client ID:SECRET` prints one
 JSON line with its URL; the `/_admin/...` routes let another process seed
@@ -19,10 +21,13 @@ import base64
 import binascii
 import contextlib
 import secrets
+import ssl
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -40,15 +45,32 @@ class _Refresh:
 
 @dataclass
 class Fault:
-    """One scripted answer. `action`: answer, reset, hang, close_early."""
+    """What the next token request gets, by `action`:
+
+    - answer: `status`, `body`, `headers` as given;
+    - grant: the real grant, its 200 answer altered by `patch` (keys set;
+      None is JSON null) and `drop` (keys removed), and sent in two halves
+      `chunk_delay_s` apart if that is set;
+    - reset: the connection is aborted before any answer;
+    - close_early: headers and part of a body, then the connection is cut;
+    - hang: no answer, ever;
+    - endless: a 200 whose body never ends.
+
+    `before` runs first, given the refresh token presented (a test's hook
+    to act between the client's read and its request being served);
+    `after_rotation` processes the grant before failing as `action` says.
+    """
 
     action: str = "answer"
     status: int = 200
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
-    # Process the grant (rotate) and then fail the answer this way.
     after_rotation: bool = False
+    patch: dict[str, Any] = field(default_factory=dict)
+    drop: tuple[str, ...] = ()
+    chunk_delay_s: float = 0.0
+    before: Callable[[str], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -59,6 +81,17 @@ class LogEntry:
     new_refresh_token: str | None = None
 
 
+@dataclass
+class Request:
+    """Every token request, faulted or not, without any secret value."""
+
+    at: float
+    path: str
+    client_auth: str
+    scope: str | None
+    action: str
+
+
 class FakeTokenEndpoint:
     def __init__(
         self,
@@ -67,16 +100,21 @@ class FakeTokenEndpoint:
         expires_in_s: int = 3600,
         rotation_grace_s: float = 0.0,
         delay_s: float = 0.0,
+        rotate_refresh_tokens: bool = True,
     ) -> None:
         self.clients = dict(clients)
         self.expires_in_s = expires_in_s
         self.rotation_grace_s = rotation_grace_s
         self.delay_s = delay_s
+        self.rotate_refresh_tokens = rotate_refresh_tokens
         self.faults: deque[Fault] = deque()
         self.log: list[LogEntry] = []
+        self.requests: list[Request] = []
         self._refresh: dict[str, _Refresh] = {}
         self._access: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
+        # Set on stop: hanging answers give up, so shutdown does not wait.
+        self._stopping = asyncio.Event()
         self.url = ""
 
     # -- state ------------------------------------------------------------
@@ -85,18 +123,26 @@ class FakeTokenEndpoint:
         """A new grant, as an OAuth connect would give the host app."""
         return self._issue(client_id, family=secrets.token_hex(8))
 
-    def _issue(self, client_id: str, family: str) -> dict[str, Any]:
+    def _issue(
+        self, client_id: str, family: str, *, refresh: bool = True
+    ) -> dict[str, Any]:
         access = "at_" + secrets.token_urlsafe(24)
-        refresh = "rt_" + secrets.token_urlsafe(24)
-        self._refresh[refresh] = _Refresh(client_id, family)
         self._access[access] = time.time() + self.expires_in_s
-        return {
+        answer: dict[str, Any] = {
             "access_token": access,
-            "refresh_token": refresh,
             "expires_in": self.expires_in_s,
             "token_type": "Bearer",
             "scope": "monitoring management offline_access",
         }
+        if refresh:
+            token = "rt_" + secrets.token_urlsafe(24)
+            self._refresh[token] = _Refresh(client_id, family)
+            answer["refresh_token"] = token
+        return answer
+
+    def issued(self) -> list[str]:
+        """Every access and refresh token handed out so far (for leak scans)."""
+        return [*self._access, *self._refresh]
 
     def refresh_token_valid(self, token: str) -> bool:
         record = self._refresh.get(token)
@@ -122,6 +168,10 @@ class FakeTokenEndpoint:
         if not self._usable(record, now):
             self.log.append(LogEntry(now, token, "reused"))
             return 400, {"error": "invalid_grant", "error_description": "reused"}
+        if not self.rotate_refresh_tokens:
+            answer = self._issue(client_id, record.family, refresh=False)
+            self.log.append(LogEntry(now, token, "ok", None))
+            return 200, answer
         if record.rotated_at is None:
             record.rotated_at = now
         answer = self._issue(client_id, record.family)
@@ -141,16 +191,23 @@ class FakeTokenEndpoint:
         app.router.add_post("/_admin/check", self._admin_check)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> str:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_port = self._runner.addresses[0][1]
-        self.url = f"http://{host}:{bound_port}"
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://{host}:{bound_port}"
         return self.url
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -162,7 +219,9 @@ class FakeTokenEndpoint:
                 pair = base64.b64decode(header[6:], validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
                 return None
-            client_id, _, client_secret = pair.partition(":")
+            # RFC 6749 2.3.1: each half is form-urlencoded.
+            login, _, password = pair.partition(":")
+            client_id, client_secret = unquote(login), unquote(password)
         else:
             client_id = form.get("client_id", "")
             client_secret = form.get("client_secret", "")
@@ -173,10 +232,23 @@ class FakeTokenEndpoint:
     async def _token(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         fault = self.faults.popleft() if self.faults else None
+        action = fault.action if fault else "grant"
+        scope = form.get("scope")
+        self.requests.append(
+            Request(
+                time.time(),
+                request.path,
+                "basic" if "Authorization" in request.headers else "post",
+                scope if isinstance(scope, str) else None,
+                action,
+            )
+        )
+        if fault is not None and fault.before is not None:
+            await fault.before(str(form.get("refresh_token", "")))
         delay = fault.delay_s if fault else self.delay_s
         if delay:
             await asyncio.sleep(delay)
-        if fault is not None and not fault.after_rotation:
+        if fault is not None and action != "grant" and not fault.after_rotation:
             return await self._fault(request, fault)
         if form.get("grant_type") != "refresh_token":
             return _json(400, {"error": "unsupported_grant_type"})
@@ -184,17 +256,45 @@ class FakeTokenEndpoint:
         if client_id is None:
             return _json(401, {"error": "invalid_client"})
         status, answer = self.rotate(str(form.get("refresh_token", "")), client_id)
-        if fault is not None:
-            return await self._fault(request, fault)
-        return _json(status, answer)
+        if fault is None or (action == "grant" and status != 200):
+            return _json(status, answer)
+        if action == "grant":
+            return await self._altered(request, fault, answer)
+        return await self._fault(request, fault)
+
+    async def _altered(
+        self, request: web.Request, fault: Fault, answer: dict[str, Any]
+    ) -> web.StreamResponse:
+        for key in fault.drop:
+            answer.pop(key, None)
+        answer.update(fault.patch)
+        body = orjson.dumps(answer)
+        if not fault.chunk_delay_s:
+            return _json(200, answer)
+        response = web.StreamResponse(status=200)
+        response.content_type = "application/json"
+        response.content_length = len(body)
+        await response.prepare(request)
+        half = len(body) // 2
+        await response.write(body[:half])
+        await asyncio.sleep(fault.chunk_delay_s)
+        await response.write(body[half:])
+        await response.write_eof()
+        return response
 
     async def _fault(self, request: web.Request, fault: Fault) -> web.StreamResponse:
         if fault.action == "hang":
-            await asyncio.sleep(3600)
+            await self._stopping.wait()
         if fault.action == "reset":
             assert request.transport is not None
             request.transport.abort()
             return web.Response()
+        if fault.action == "endless":
+            response = web.StreamResponse(status=200)
+            response.content_type = "application/json"
+            await response.prepare(request)
+            while True:
+                await response.write(b'{"padding": "' + b"x" * 65536)
         if fault.action == "close_early":
             response = web.StreamResponse(status=200)
             response.content_length = 1000

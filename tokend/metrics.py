@@ -105,6 +105,7 @@ REFRESH_OUTCOMES = (
     "reconnect_required",
     "client_rejected",
     "unschedulable",
+    "rotated_elsewhere",
     "skipped",
 )
 
@@ -123,3 +124,17 @@ def declare_providers(providers: Iterable[str]) -> None:
         for outcome in REFRESH_OUTCOMES:
             refreshes.labels(provider, outcome)
         refresh_duration.labels(provider)
+
+
+secret_store_errors = Counter(
+    "tokend_secret_store_errors_total",
+    "Secret-store failures that made an integration wait, by store and code",
+    ["store", "code"],
+    registry=REGISTRY,
+)
+unconfigured_provider = Counter(
+    "tokend_unconfigured_provider_total",
+    "Integrations made unschedulable because their provider is not configured "
+    "(the provider's name is in the log, once)",
+    registry=REGISTRY,
+)

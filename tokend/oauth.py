@@ -9,15 +9,21 @@ sanitized error code only.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
+from urllib.parse import quote
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver
+
+from tokend.logs import scrub
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +33,12 @@ TERMINAL_CODES = frozenset({"invalid_grant", "invalid_token"})
 CLIENT_CODES = frozenset({"invalid_client", "unauthorized_client"})
 # A longer expires_in is garbage, not a token to sleep on for years.
 _MAX_LIFETIME_S = 366 * 86400
-_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# Error codes are copied into lifecycle, events and logs, so only what looks
+# like a code passes: every registered OAuth2 error is lowercase words joined
+# by underscores. A provider that echoes a token in `error` gets this instead.
+_CODE = re.compile(r"[a-z]+(_[a-z]+){0,7}")
+_MAX_CODE = 40
+UNRECOGNIZED = "unrecognized_error"
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,9 @@ class Outcome:
     http_status: int | None = None
     retry_after_s: float | None = None
     tokens: TokenSet | None = None
+    # A refresh token found in an otherwise unusable 200 answer: the provider
+    # may already have retired the one we sent, so it must be kept.
+    salvaged_refresh_token: str | None = field(default=None, repr=False)
 
     @property
     def retryable(self) -> bool:
@@ -71,6 +85,18 @@ class Grant:
         return f"Grant(url={self.url!r}, <secrets hidden>)"
 
 
+def session(resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:
+    """The HTTP client of all refreshes: certificates verified with the
+    system's trust store, never otherwise; `resolver` replaces DNS (tests)."""
+    connector = aiohttp.TCPConnector(
+        limit=0, ttl_dns_cache=300, ssl=ssl.create_default_context(), resolver=resolver
+    )
+    # Each request has its own timeout; this one only bounds a forgotten one.
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+    )
+
+
 async def request_refresh(
     session: aiohttp.ClientSession,
     grant: Grant,
@@ -79,11 +105,19 @@ async def request_refresh(
     max_body_bytes: int,
     default_expires_in_s: float,
 ) -> Outcome:
-    """POST the grant and classify the answer; never raises for provider faults."""
+    """POST the grant and classify the answer; never raises for provider faults.
+
+    TLS is verified by the session's defaults; nothing here may turn it off.
+    Redirects are not followed: the form carries the client secret.
+    """
     form = {"grant_type": "refresh_token", "refresh_token": grant.refresh_token}
-    auth = None
+    headers = {"Accept": "application/json"}
     if grant.client_auth == "client_secret_basic":
-        auth = aiohttp.BasicAuth(grant.client_id, grant.client_secret)
+        # RFC 6749 2.3.1: both are form-urlencoded before going into the header.
+        login = quote(grant.client_id, safe="")
+        password = quote(grant.client_secret, safe="")
+        pair = f"{login}:{password}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     else:
         form["client_id"] = grant.client_id
         form["client_secret"] = grant.client_secret
@@ -93,30 +127,49 @@ async def request_refresh(
         async with session.post(
             grant.url,
             data=form,
-            auth=auth,
-            headers={"Accept": "application/json"},
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,
         ) as response:
-            body = await response.content.read(max_body_bytes + 1)
+            body = await _read_bounded(response.content, max_body_bytes + 1)
             return classify(
                 response.status,
                 response.headers.get("Retry-After"),
                 body,
                 max_body_bytes=max_body_bytes,
                 default_expires_in_s=default_expires_in_s,
+                sent=(grant.refresh_token, grant.client_secret, grant.client_id),
             )
     except TimeoutError:
         return Outcome("transient", "timeout", f"no answer within {timeout_s:g} s")
+    except aiohttp.ClientConnectorDNSError as exc:
+        return Outcome("transient", "dns_failed", _network_message(exc))
+    except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+        return Outcome("transient", "tls_failed", _network_message(exc))
     except aiohttp.ClientConnectorError as exc:
         return Outcome("transient", "connect_failed", _network_message(exc))
     except (aiohttp.ClientError, asyncio.IncompleteReadError, OSError) as exc:
         return Outcome("transient", "network_error", _network_message(exc))
 
 
+async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """Read until EOF or `limit` bytes, whichever comes first: read(n) alone
+    returns whatever chunk has arrived, which may be a fraction of the body."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def _network_message(exc: BaseException) -> str:
-    # The exception text of aiohttp names the host, never the form body.
-    return f"{type(exc).__name__}: {exc}"[:200]
+    # aiohttp's text names the host and the OS error, never the form body;
+    # scrub anyway, as the message is stored.
+    return scrub(f"{type(exc).__name__}: {exc}")[:200]
 
 
 def classify(
@@ -127,7 +180,10 @@ def classify(
     max_body_bytes: int,
     default_expires_in_s: float,
     now: float | None = None,
+    sent: tuple[str, ...] = (),
 ) -> Outcome:
+    """What an answer means; `sent` are the secret values of the request,
+    which never pass into the outcome even when the provider echoes them."""
     now = time.time() if now is None else now
     if len(body) > max_body_bytes:
         return Outcome(
@@ -136,7 +192,7 @@ def classify(
     doc = _json_object(body)
     if status == 200:
         return _success(doc, now, default_expires_in_s)
-    code = _error_code(doc)
+    code = _error_code(doc, sent)
     message = f"token endpoint answered {status}" + (f" {code}" if code else "")
     if code in TERMINAL_CODES and status in (400, 401):
         return Outcome("reconnect_required", code, message, status)
@@ -164,16 +220,26 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _error_code(doc: dict[str, Any] | None) -> str:
+def _error_code(doc: dict[str, Any] | None, sent: tuple[str, ...]) -> str:
     code = doc.get("error") if doc else None
-    if isinstance(code, str) and _CODE.fullmatch(code):
-        return code
-    return ""
+    if code is None:
+        return ""
+    if (
+        not isinstance(code, str)
+        or len(code) > _MAX_CODE
+        or not _CODE.fullmatch(code)
+        or any(value and value in code for value in sent)
+    ):
+        return UNRECOGNIZED
+    return code
 
 
 def _success(doc: dict[str, Any] | None, now: float, default_s: float) -> Outcome:
+    refresh = doc.get("refresh_token") if doc else None
+    salvaged = refresh if isinstance(refresh, str) and refresh else None
+
     def bad(code: str, message: str) -> Outcome:
-        return Outcome("transient", code, message, 200)
+        return Outcome("transient", code, message, 200, salvaged_refresh_token=salvaged)
 
     if doc is None:
         return bad("invalid_response", "200 answer is not a JSON object")
@@ -189,11 +255,10 @@ def _success(doc: dict[str, Any] | None, now: float, default_s: float) -> Outcom
         if parsed is None or not 0 < parsed <= _MAX_LIFETIME_S:
             return bad("invalid_expires_in", "200 answer has an unusable expires_in")
         lifetime = parsed
-    refresh = doc.get("refresh_token")
     token_type = doc.get("token_type")
     tokens = TokenSet(
         access_token=access,
-        refresh_token=refresh if isinstance(refresh, str) else "",
+        refresh_token=salvaged or "",
         expires_at_ms=int((now + lifetime) * 1000),
         token_type=token_type if isinstance(token_type, str) else "",
         expires_in_defaulted=defaulted,

@@ -28,9 +28,14 @@ def backoff(
 ) -> float:
     """Seconds to wait after `failures` consecutive transient failures.
 
-    Exponential with full jitter; a server's Retry-After is a floor, capped.
+    Exponential with full jitter: uniform between 0 and `initial * 2^(n-1)`,
+    that ceiling capped at `max_s`. A server's Retry-After is a floor, itself
+    capped at `retry_after_cap_s`.
     """
-    ceiling = min(policy.max_s, policy.initial_s * 2 ** max(failures - 1, 0))
+    # The exponent is bounded: an outage of days means thousands of failures,
+    # and 2.0 ** 1024 overflows a float.
+    doublings = min(max(failures - 1, 0), 60)
+    ceiling = min(policy.max_s, policy.initial_s * 2.0**doublings)
     delay = rng.uniform(0.0, ceiling)
     if retry_after_s is not None:
         delay = max(delay, min(retry_after_s, policy.retry_after_cap_s))

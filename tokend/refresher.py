@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import anyio
@@ -21,7 +22,7 @@ from tokend import metrics, oauth, policy
 from tokend.config import Config
 from tokend.credentials import Credentials, CredentialsInvalid
 from tokend.db import Conn
-from tokend.errors import SecretError, TokenURLRefused
+from tokend.errors import SecretError, SecretUnavailable, TokenURLRefused
 from tokend.lifecycle import Failure, Lifecycle
 from tokend.providers import Provider
 from tokend.schedule import Due, Schedule
@@ -35,6 +36,10 @@ RECOVERED = "INTEGRATION_TOKEN_RECOVERED"
 FAILED = "INTEGRATION_TOKEN_REFRESH_FAILED"
 RECONNECT = "INTEGRATION_RECONNECT_REQUIRED"
 EXPIRING = "INTEGRATION_TOKEN_EXPIRING"
+
+NOT_CONFIGURED = "provider_not_configured"
+# A token_type worth naming in a log line; anything else could be an echo.
+_TOKEN_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,15}")
 
 
 class Unschedulable(Exception):
@@ -50,7 +55,7 @@ class Unschedulable(Exception):
 class Secrets:
     credentials: Credentials
     client_id: str
-    client_secret: str
+    client_secret: str = field(repr=False)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class _Work:
     lifecycle: Lifecycle | None = None
     events: tuple[Event, ...] = ()
     outcome: str | None = None
+    unconfigured: bool = False
 
 
 class Refresher:
@@ -86,6 +92,8 @@ class Refresher:
         self.rng = rng or random.Random()
         # The unschedulable reason last logged per integration: log each once.
         self._reported: dict[IntegrationKey, str] = {}
+        # Unconfigured providers already logged: once per name, not per row.
+        self._unconfigured: set[str] = set()
 
     @property
     def providers(self) -> Mapping[str, Provider]:
@@ -114,11 +122,12 @@ class Refresher:
                 await transaction.commit()
         self._apply(work)
         outcome = work.outcome or "skipped"
-        metrics.refreshes.labels(work.provider, outcome).inc()
+        # Provider names come from the host's rows: only configured ones
+        # become label values, so a stray value cannot grow the metrics.
+        label = work.provider if work.provider in self.config.providers else "other"
+        metrics.refreshes.labels(label, outcome).inc()
         if outcome != "skipped":
-            metrics.refresh_duration.labels(work.provider).observe(
-                time.monotonic() - started
-            )
+            metrics.refresh_duration.labels(label).observe(time.monotonic() - started)
         return outcome
 
     async def _refresh_locked(
@@ -146,9 +155,13 @@ class Refresher:
             error = Unschedulable("token_url_refused", str(exc))
             await self._unschedulable(conn, row, current, error, work)
             return
+        except SecretUnavailable as exc:
+            await self._store_failed(conn, row, current, exc, work)
+            return
         known = current.expires_at
-        if known is not None and found.credentials.expires_at > known + 1:
-            # The stored token is newer than the one we scheduled for: someone
+        if known is None or found.credentials.expires_at > known + 1:
+            # The stored token is newer than the one we scheduled for (or we
+            # never saw one: the store failed when it was scheduled): someone
             # else refreshed and forgot to tell us.
             await self._plan(conn, row, current, found.credentials, "resync", work)
             return
@@ -203,16 +216,27 @@ class Refresher:
         attempt = current.replace(last_refresh_attempt_at=now)
         if outcome.kind == "success":
             assert outcome.tokens is not None
-            await self._succeeded(
-                conn, row, attempt, found.credentials, outcome.tokens, work
-            )
+            try:
+                await self._succeeded(
+                    conn, row, attempt, found.credentials, outcome.tokens, work
+                )
+            except SecretUnavailable as exc:
+                logger.error(
+                    "rotated credentials could not be stored",
+                    extra=row.key.log(provider=row.provider, code=exc.code),
+                )
+                await self._store_failed(conn, row, attempt, exc, work)
         elif outcome.kind == "reconnect_required":
             await self._rejected(conn, row, attempt, found.credentials, outcome, work)
         elif outcome.kind == "client_rejected":
             error = Unschedulable(outcome.code, outcome.message)
             await self._unschedulable(conn, row, attempt, error, work, outcome)
         else:
-            await self._retry(conn, row, attempt, found.credentials, outcome, work)
+            sent = found.credentials
+            salvaged = outcome.salvaged_refresh_token
+            if salvaged and salvaged != sent.refresh_token:
+                sent = await self._keep_refresh_token(conn, row, sent, salvaged)
+            await self._retry(conn, row, attempt, sent.expires_at, outcome, work)
 
     async def _succeeded(
         self,
@@ -228,11 +252,18 @@ class Refresher:
                 "token endpoint sent no expires_in; assuming the default lifetime",
                 extra=row.key.log(provider=row.provider),
             )
-        if tokens.token_type and tokens.token_type.lower() != "bearer":
+        extra = old.extra
+        kind = tokens.token_type
+        if kind and (kind.lower() != "bearer" or "token_type" in extra):
+            # The host app must not send a non-bearer token as Bearer: say
+            # what it is, in the secret (bearer sets stay as the host wrote).
+            extra = {**extra, "token_type": kind}
+        if kind and kind.lower() != "bearer":
             logger.warning(
                 "token endpoint sent a token_type other than bearer; stored as is",
                 extra=row.key.log(
-                    provider=row.provider, token_type=tokens.token_type[:32]
+                    provider=row.provider,
+                    answer_type=kind if _TOKEN_TYPE.fullmatch(kind) else "unusual",
                 ),
             )
         rotated = Credentials(
@@ -240,7 +271,7 @@ class Refresher:
             refresh_token=tokens.refresh_token or old.refresh_token,
             expires_at_ms=tokens.expires_at_ms,
             instance_url=old.instance_url,
-            extra=old.extra,
+            extra=extra,
         )
         name = self._provider(row).config.credentials_secret
         await self.secrets.put(row.key.tenant, name, rotated.dumps(), conn=conn)
@@ -275,16 +306,25 @@ class Refresher:
         # The host app may have rotated the token a moment ago without our
         # lock: a changed refresh token means someone else refreshed.
         try:
-            again = await self._read_secrets(conn, row)
-        except Unschedulable:
-            again = None
-        if again and again.credentials.refresh_token != sent.refresh_token:
+            again = await self._rotated_elsewhere(conn, row, sent)
+        except SecretUnavailable as exc:
+            # Whether someone else rotated cannot be told now: wait, never
+            # mark reconnect-required on a guess.
+            await self._store_failed(conn, row, current, exc, work)
+            return
+        if again is not None:
             logger.info(
                 "refresh token rotated by another party; rescheduling",
                 extra=row.key.log(provider=row.provider),
             )
             await self._plan(
-                conn, row, current, again.credentials, "lazy_refresh_success", work
+                conn,
+                row,
+                current,
+                again,
+                "lazy_refresh_success",
+                work,
+                outcome="rotated_elsewhere",
             )
             return
         now = time.time()
@@ -310,12 +350,29 @@ class Refresher:
             ),
         )
 
+    async def _rotated_elsewhere(
+        self, conn: Conn, row: Row, sent: Credentials
+    ) -> Credentials | None:
+        """The stored credentials if their refresh token is no longer the one
+        sent, looking twice: now, and after `rotation_recheck_s` (each read
+        is a new snapshot: the transaction is READ COMMITTED)."""
+        for wait_s in (0.0, self.config.retry.rotation_recheck_s):
+            if wait_s:
+                await anyio.sleep(wait_s)
+            try:
+                stored = (await self._read_secrets(conn, row)).credentials
+            except Unschedulable:
+                continue
+            if stored.refresh_token != sent.refresh_token:
+                return stored
+        return None
+
     async def _retry(
         self,
         conn: Conn,
         row: Row,
         current: Lifecycle,
-        sent: Credentials,
+        expires_at: float | None,
         outcome: oauth.Outcome,
         work: _Work,
     ) -> None:
@@ -327,7 +384,7 @@ class Refresher:
         lifecycle = current.replace(
             status="retrying",
             schedule_nonce=current.schedule_nonce + 1,
-            expires_at=sent.expires_at,
+            expires_at=expires_at,
             next_refresh_at=now + delay,
             last_scheduled_at=now,
             last_schedule_source="retry",
@@ -335,11 +392,10 @@ class Refresher:
             last_refresh_failure=self._failure(outcome, now).to_json(),
             owner_id=self.config.instance_id,
         )
-        events = [self._event(FAILED, row, sent.expires_at, outcome)]
-        lapse_at = sent.expires_at - self.config.retry.expiring_warning_s
-        if now + delay >= lapse_at and current.expiring_notified_for != sent.expires_at:
-            events.append(self._event(EXPIRING, row, sent.expires_at, outcome))
-            lifecycle = lifecycle.replace(expiring_notified_for=sent.expires_at)
+        events = [self._event(FAILED, row, expires_at, outcome)]
+        if expires_at is not None and self._lapsing(current, expires_at, now + delay):
+            events.append(self._event(EXPIRING, row, expires_at, outcome))
+            lifecycle = lifecycle.replace(expiring_notified_for=expires_at)
         await self._commit(conn, row, lifecycle, events, "transient", work)
         logger.warning(
             "refresh failed; will retry",
@@ -351,6 +407,34 @@ class Refresher:
                 retry_in_s=round(delay, 1),
             ),
         )
+
+    def _lapsing(self, current: Lifecycle, expires_at: float, retry_at: float) -> bool:
+        """The next try comes too close to the expiry, and no EXPIRING event
+        went out for this expiry yet (compared to the millisecond its JSON
+        keeps): one a lapse."""
+        notified = current.expiring_notified_for
+        near = retry_at >= expires_at - self.config.retry.expiring_warning_s
+        return near and (notified is None or abs(notified - expires_at) > 0.001)
+
+    async def _keep_refresh_token(
+        self, conn: Conn, row: Row, sent: Credentials, refresh_token: str
+    ) -> Credentials:
+        """Store the refresh token of an unusable 200 answer (the rest of it
+        is dropped): the provider may already have retired the one sent."""
+        kept = Credentials(
+            access_token=sent.access_token,
+            refresh_token=refresh_token,
+            expires_at_ms=sent.expires_at_ms,
+            instance_url=sent.instance_url,
+            extra=sent.extra,
+        )
+        name = self._provider(row).config.credentials_secret
+        await self.secrets.put(row.key.tenant, name, kept.dumps(), conn=conn)
+        logger.warning(
+            "unusable answer carried a new refresh token; kept it, will retry",
+            extra=row.key.log(provider=row.provider),
+        )
+        return kept
 
     # -- rescheduling without a refresh -----------------------------------
 
@@ -436,6 +520,9 @@ class Refresher:
         except Unschedulable as exc:
             await self._unschedulable(conn, row, current, exc, work)
             return "unschedulable"
+        except SecretUnavailable as exc:
+            await self._store_failed(conn, row, current, exc, work)
+            return "retrying"
         await self._plan(conn, row, current, found.credentials, source, work, immediate)
         return "scheduled"
 
@@ -448,12 +535,13 @@ class Refresher:
         source: str,
         work: _Work,
         immediate: bool = False,
+        outcome: str | None = None,
     ) -> None:
         now = time.time()
         lifecycle = self._scheduled(current, credentials.expires_at, now, source)
         if immediate:
             lifecycle = lifecycle.replace(next_refresh_at=now)
-        await self._commit(conn, row, lifecycle, [], None, work)
+        await self._commit(conn, row, lifecycle, [], outcome, work)
         logger.info(
             "refresh scheduled",
             extra=row.key.log(
@@ -480,8 +568,9 @@ class Refresher:
         config = self.config.provider(row.provider)
         if config is None:
             raise Unschedulable(
-                "provider_not_configured",
-                f"provider {row.provider!r} is not configured in tokend",
+                NOT_CONFIGURED,
+                f"provider {row.provider[:64]!r} is not configured in tokend; "
+                "add it under [providers] and send `reset` or `connected`",
             )
         return Provider(row.provider, config)
 
@@ -533,6 +622,11 @@ class Refresher:
         work: _Work,
         outcome: oauth.Outcome | None = None,
     ) -> None:
+        recorded = (current.last_refresh_failure or {}).get("code")
+        if current.status == "unschedulable" and recorded == error.code:
+            # Recorded once: a notification that changes nothing adds no
+            # event, no metric and no log line.
+            return
         now = time.time()
         failure = Failure(
             error.code,
@@ -545,13 +639,19 @@ class Refresher:
             status="unschedulable",
             schedule_nonce=current.schedule_nonce + 1,
             next_refresh_at=None,
+            # Only an attempt that the provider refused counts as a failure.
+            consecutive_failures=current.consecutive_failures + bool(outcome),
             last_refresh_failure=failure.to_json(),
             owner_id=self.config.instance_id,
         )
         events = [self._event(FAILED, row, current.expires_at, outcome, error=error)]
         label = "client_rejected" if outcome else "unschedulable"
         await self._commit(conn, row, lifecycle, events, label, work)
-        if self._reported.get(row.key) != error.code:
+        if error.code == NOT_CONFIGURED:
+            # _commit keeps the lifecycle only if the row was written.
+            work.unconfigured = work.lifecycle is lifecycle
+            self._report_unconfigured(row)
+        elif self._reported.get(row.key) != error.code:
             self._reported[row.key] = error.code
             logger.warning(
                 "integration unschedulable",
@@ -559,6 +659,29 @@ class Refresher:
                     provider=row.provider, code=error.code, reason=error.message
                 ),
             )
+
+    def _report_unconfigured(self, row: Row) -> None:
+        if row.provider in self._unconfigured:
+            return
+        self._unconfigured.add(row.provider)
+        logger.warning(
+            "integrations of a provider that is not configured are not refreshed",
+            extra=row.key.log(provider=row.provider[:64]),
+        )
+
+    async def _store_failed(
+        self,
+        conn: Conn,
+        row: Row,
+        current: Lifecycle,
+        error: SecretUnavailable,
+        work: _Work,
+    ) -> None:
+        """The secret store cannot answer now: wait with backoff and alert,
+        as for a provider's transient failure."""
+        metrics.secret_store_errors.labels(self.secrets.backend, error.code).inc()
+        outcome = oauth.Outcome("transient", error.code, str(error))
+        await self._retry(conn, row, current, current.expires_at, outcome, work)
 
     def _deadline(self, expires_at: float, now: float) -> float:
         return policy.deadline(expires_at, now, self.config.scheduler, self.rng)
@@ -632,6 +755,8 @@ class Refresher:
         """After commit: count events and move the heap."""
         for event in work.events:
             metrics.events_emitted.labels(event.type).inc()
+        if work.unconfigured:
+            metrics.unconfigured_provider.inc()
         lifecycle = work.lifecycle
         if lifecycle is None:
             return

@@ -1,9 +1,10 @@
 """What a reload of the config file may change while the daemon runs.
 
 Settings bound at start (the database and its pool, the leader lock and its
-connection, the LISTEN channel, the HTTP socket, the secret store's key, the
-instance id) keep their running values; a reload logs their changes as
-needing a restart. Everything else applies at once.
+connection, the LISTEN channel, the HTTP socket, the instance id) keep their
+running values; a reload logs their changes as needing a restart. The secret
+store judges its own settings (`SecretStore.reload`). Everything else
+applies at once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ RESTART_ONLY: dict[str, frozenset[str] | None] = {
     "leader": None,
     "notify": None,
     "http": None,
-    "secrets": None,
     "daemon": frozenset({"instance_id", "state_dir"}),
 }
 

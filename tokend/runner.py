@@ -20,7 +20,7 @@ from tokend import config as config_module
 from tokend import metrics, web
 from tokend.config import Config
 from tokend.daemon import Daemon
-from tokend.errors import ConfigErrors, UpstreamError
+from tokend.errors import ConfigError, ConfigErrors, UpstreamError
 from tokend.logs import configure_logging
 from tokend.sdnotify import Notifier, watchdog_loop
 
@@ -137,8 +137,14 @@ async def reload(daemon: Daemon, overrides: Overrides | None = None) -> bool:
     overrides = overrides or Overrides()
     try:
         new = config_module.load(daemon.config.source)
-    except ConfigErrors as exc:
-        errors = [str(e) for e in exc.errors]
+        # The secret store checks what the file alone cannot (key material)
+        # before anything of the new config applies; it reports the settings
+        # it cannot change while running.
+        store = daemon.secrets
+        store_restart = [] if store is None else store.reload(new.secrets)
+    except (ConfigErrors, ConfigError) as exc:
+        found = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+        errors = [str(e) for e in found]
         daemon.reload_failed(errors)
         metrics.config_reloads.labels("failure").inc()
         logger.error(
@@ -146,7 +152,7 @@ async def reload(daemon: Daemon, overrides: Overrides | None = None) -> bool:
             extra={"source": daemon.config.source, "errors": errors},
         )
         return False
-    record = await daemon.reload(new)
+    record = await daemon.reload(new, store_restart)
     metrics.config_reloads.labels("success").inc()
     # Said under the old level, so that raising it does not hide the reload.
     logger.info(

@@ -18,7 +18,7 @@ import orjson
 
 from tokend.db import Conn
 from tokend.keys import integration_key
-from tokend.lifecycle import Lifecycle, LifecycleInvalid, iso
+from tokend.lifecycle import Lifecycle, LifecycleInvalid, iso, safe_message
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ class Event:
             "expires_at": iso(self.expires_at),
             "retryable": self.retryable,
             "error_code": self.error_code,
-            "error_message": self.error_message,
+            "error_message": None
+            if self.error_message is None
+            else safe_message(self.error_message),
         }
 
 
