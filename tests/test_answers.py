@@ -151,6 +151,11 @@ CASES: dict[str, Case] = {
     "200 refresh_token null": Case(
         lambda: [grant(refresh_token=None)], setup="not rotating", **refreshed("kept")
     ),
+    "200 refresh_token not a string": Case(
+        lambda: [grant(refresh_token=["rt_x"])],
+        stored="unchanged",
+        **retrying("invalid_response", 200),
+    ),
     "200 new refresh_token": Case(lambda: [grant()], **refreshed("rotated")),
     "200 token_type not bearer": Case(
         lambda: [grant(token_type="N_A")],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import tomllib
@@ -14,7 +15,8 @@ from tokend.config import load, parse
 from tokend.errors import ConfigErrors
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = {"database": {"dsn": "postgresql://x@127.0.0.1/db"}, "secrets": {"key": "k"}}
+KEY = base64.b64encode(b"k" * 32).decode()
+BASE = {"database": {"dsn": "postgresql://x@127.0.0.1/db"}, "secrets": {"key": KEY}}
 
 
 def _errors(doc: dict, env: dict[str, str] | None = None) -> list[str]:
@@ -59,7 +61,7 @@ def test_defaults_are_the_documented_ones() -> None:
             "scheduler",
             "concurrency",
             0,
-            "scheduler.concurrency: expected an integer >= 1",
+            "scheduler.concurrency: expected an integer from 1 to 1000000",
         ),
         (
             "scheduler",
@@ -92,14 +94,14 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_secrets_come_from_env_or_file_and_are_never_echoed(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
-    key_file.write_text("from-file\n")
+    key_file.write_text(KEY + "\n")
     doc = {
         "database": {"dsn_env": "TOKEND_DSN"},
         "secrets": {"key_file": str(key_file)},
     }
     config = parse(doc, {"TOKEND_DSN": "postgresql://secret@h/db"}, "t")
     assert config.database.dsn == "postgresql://secret@h/db"
-    assert config.secrets.key == "from-file"
+    assert config.secrets.key == KEY
 
     errors = _errors(
         {"database": {"dsn_env": "UNSET_VAR"}, "secrets": {"key_file": "/nope/key"}}
@@ -110,7 +112,7 @@ def test_secrets_come_from_env_or_file_and_are_never_echoed(tmp_path: Path) -> N
     both = _errors(
         {
             "database": {"dsn": "postgresql://pw@h/d", "dsn_env": "X"},
-            "secrets": {"key": "k"},
+            "secrets": {"key": KEY},
         }
     )
     assert both == ["database.dsn: give only one of dsn, dsn_env"]
@@ -159,7 +161,7 @@ def test_example_config_lists_every_key() -> None:
 def test_check_config_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(
-        '[database]\ndsn = "postgresql://x@127.0.0.1/d"\n[secrets]\nkey = "k"\n'
+        f'[database]\ndsn = "postgresql://x@127.0.0.1/d"\n[secrets]\nkey = "{KEY}"\n'
     )
     bad = tmp_path / "bad.toml"
     bad.write_text("[scheduler]\nbuffer_s = -5\n")
@@ -187,6 +189,57 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
 def test_load_reads_a_file(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
-        '[database]\ndsn = "postgresql://x@127.0.0.1/d"\n[secrets]\nkey = "k"\n'
+        f'[database]\ndsn = "postgresql://x@127.0.0.1/d"\n[secrets]\nkey = "{KEY}"\n'
     )
     assert load(path).source == str(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e12])
+def test_durations_must_be_finite_and_bounded(value: float) -> None:
+    errors = _errors(_with("scheduler", buffer_s=value))
+    assert any(
+        e.startswith("scheduler.buffer_s: expected seconds up to") for e in errors
+    )
+
+
+def test_a_secret_pasted_into_the_wrong_key_is_not_echoed(tmp_path: Path) -> None:
+    pasted_dsn = "postgresql://u:PASTEDPW@127.0.0.1:1/db"
+    pasted_key = KEY
+    errors = _errors(
+        {"database": {"dsn_env": pasted_dsn}, "secrets": {"key_file": pasted_key}}
+    )
+    assert "database.dsn_env: expected the name of an environment variable" in errors
+    assert not any("PASTEDPW" in e or pasted_key in e for e in errors), errors
+
+
+def test_key_material_and_dsn_are_checked_without_quoting_them(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.key"
+    raw.write_bytes(bytes(range(200, 232)))
+    errors = _errors(
+        {
+            "database": {"dsn": "postgresql://u:SECRETPW@[::1:5432/db"},
+            "secrets": {"key_file": str(raw), "old_keys": {"k0": {"key": "zzz"}}},
+        }
+    )
+    assert any(
+        e.startswith("database.dsn: not a valid postgresql:// URL") for e in errors
+    )
+    assert any(e.startswith("secrets.key_file:") and "UTF-8" in e for e in errors)
+    assert "secrets.old_keys.k0: key 'k0' is not valid base64" in errors
+    assert not any("SECRETPW" in e for e in errors)
+    short = _errors(_with("secrets", key=base64.b64encode(b"short").decode()))
+    assert "secrets.key: key 'k1' must be 32 bytes, got 5" in short
+
+
+def test_a_config_file_that_is_not_text_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b'[log]\nlevel = "info"\n\xff\xfe\n')
+    with pytest.raises(ConfigErrors, match="not UTF-8 text"):
+        load(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "tokend", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -151,6 +151,18 @@ async def test_missing_credentials_mark_unschedulable_once(world: World) -> None
         assert len(failed) == 1
 
 
+async def test_credentials_with_an_absurd_expiry_mark_unschedulable(
+    world: World,
+) -> None:
+    creds = b'{"access_token": "a", "refresh_token": "r", "expires_at": 1e17}'
+    async with running(world.config()) as daemon:
+        key = await world.connect(credentials=creds)
+        lifecycle = await eventually(lambda: _status(world, key, "unschedulable"))
+        assert lifecycle["lastRefreshFailure"]["code"] == "credentials_invalid"
+        assert "expires_at" in lifecycle["lastRefreshFailure"]["message"]
+        assert daemon.leader.role == "leader"
+
+
 async def test_unreadable_credentials_mark_unschedulable(world: World) -> None:
     async with running(world.config()):
         key = await world.connect(credentials=b'{"access_token": 5}')
@@ -190,6 +202,8 @@ async def test_malformed_notifications_are_counted_and_harmless(world: World) ->
             "not json",
             "[1, 2]",
             '{"event": "explode", "tenant": "x"}',
+            '{"event": [], "tenant": "x"}',
+            '{"event": {}}',
             '{"event": "connected", "tenant": 5, "integration_id": null}',
             '{"event": "connected", "tenant": "00000000-0000-0000-0000-000000000001",'
             ' "integration_id": "00000000-0000-0000-0000-000000000002"}',
@@ -201,7 +215,7 @@ async def test_malformed_notifications_are_counted_and_harmless(world: World) ->
     after = [
         c._value.get() for c in (malformed, unknown_event, wrong_types, unknown_row)
     ]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1, 1]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 3, 1, 1]
     assert key is not None
 
 

@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 
 from tokend.config import Config
+from tokend.db import connect
 from tokend.errors import DatabaseError, TokendError
 from tokend.keys import leader_key
 from tokend.lifecycle import Lifecycle, iso
@@ -43,16 +44,7 @@ class CommandFailed(TokendError):
 
 
 async def _with_connection(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
-    db = config.database
-    try:
-        conn = await asyncpg.connect(
-            db.dsn,
-            timeout=db.connect_timeout_s,
-            command_timeout=db.statement_timeout_s,
-            server_settings={"application_name": "tokend-cli"},
-        )
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+    conn = await connect(config, "tokend-cli")
     try:
         return await work(conn)
     except (

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from tokend.errors import ConfigErrors, SecretError, TokendError
+from tokend.errors import ConfigError, ConfigErrors, SecretError, TokendError
 from tokend.secrets import APP, check_name
 
 if TYPE_CHECKING:
@@ -73,10 +74,27 @@ def _integration_args(parser: argparse.ArgumentParser, required: bool = True) ->
     parser.add_argument("--integration", type=_uuid, required=required, metavar="UUID")
 
 
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Any:
+    """An argparse type: a finite number from `low` to `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(
+                f"expected {low:g} to {high:g}, got {text}"
+            )
+        return value
+
+    return parse
+
+
 def _wait_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait",
-        type=float,
+        type=_bounded(float, 0, 3600),
         default=15.0,
         metavar="S",
         help="seconds to wait for the leader to act (0: only send)",
@@ -115,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.add_argument("--limit", type=int, default=10, help="rows per list")
+    status.add_argument(
+        "--limit", type=_bounded(int, 1, 10_000), default=10, help="rows per list"
+    )
 
     notify = commands.add_parser("notify", help="send the leader a notification")
     _config_arg(notify)
@@ -136,9 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     _secrets_parser(commands.add_parser("secrets", help="put, get, rotate-key"))
 
     demo = commands.add_parser("demo", help="the main job on an embedded default")
-    demo.add_argument("--integrations", type=int, default=25)
-    demo.add_argument("--token-lifetime", type=float, default=90.0)
-    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--integrations", type=_bounded(int, 1, 100_000), default=25)
+    demo.add_argument(
+        "--token-lifetime", type=_bounded(float, 10, 86_400), default=90.0
+    )
+    demo.add_argument(
+        "--duration",
+        type=_bounded(float, 1, 86_400),
+        help="stop after this many seconds",
+    )
     demo.add_argument("--json", action="store_true", help="print a summary object")
     return parser
 
@@ -172,9 +198,17 @@ def _secrets_parser(parser: argparse.ArgumentParser) -> None:
         "rotate-key", help="re-encrypt the postgres store with the current key"
     )
     _config_arg(rotate)
-    rotate.add_argument("--batch", type=int, default=500, help="rows a transaction")
     rotate.add_argument(
-        "--wait", type=float, default=10.0, help="seconds to retry locked rows"
+        "--batch",
+        type=_bounded(int, 1, 100_000),
+        default=500,
+        help="rows a transaction",
+    )
+    rotate.add_argument(
+        "--wait",
+        type=_bounded(float, 0, 3600),
+        default=10.0,
+        help="seconds to retry locked rows",
     )
 
 
@@ -201,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for error in exc.errors:
             print(f"tokend: config: {error}", file=sys.stderr)
         code = EXIT_USAGE
-    except _UsageError as exc:
+    except (_UsageError, ConfigError) as exc:
         print(f"tokend: {exc}", file=sys.stderr)
         code = EXIT_USAGE
     except TokendError as exc:
@@ -297,18 +331,14 @@ def _migrate(args: argparse.Namespace) -> int:
     import asyncpg
 
     from tokend import config
+    from tokend.db import connect
     from tokend.errors import DatabaseError
     from tokend.migrate import migrate
 
     loaded = config.load(args.config)
 
     async def apply() -> list[str]:
-        try:
-            conn = await asyncpg.connect(
-                loaded.database.dsn, timeout=loaded.database.connect_timeout_s
-            )
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+        conn = await connect(loaded, "tokend migrate")
         try:
             return await migrate(
                 conn,
@@ -335,12 +365,6 @@ def _secrets(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tokend import demo
 
-    if args.integrations < 1 or args.token_lifetime < 10:
-        print(
-            "tokend: --integrations must be >= 1 and --token-lifetime >= 10",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     return demo.run(
         integrations=args.integrations,
         token_lifetime_s=args.token_lifetime,

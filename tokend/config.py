@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -35,11 +36,18 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# No duration tokend waits for is longer than a year; past it (or nan, inf)
+# a value is a typo, and would overflow timers and Postgres settings.
+MAX_SECONDS = 366 * 86400
+
+
 def _seconds(*, allow_zero: bool = False) -> Check:
     def check(value: Any) -> float:
         ok_type = isinstance(value, int | float) and not isinstance(value, bool)
         if not ok_type:
             raise ValueError(f"expected seconds, got {_type_name(value)} {value!r}")
+        if not math.isfinite(value) or value > MAX_SECONDS:
+            raise ValueError(f"expected seconds up to {MAX_SECONDS}, got {value!r}")
         if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"
             raise ValueError(f"expected seconds {bound}, got {value!r}")
@@ -52,15 +60,17 @@ def _count(minimum: int = 1) -> Check:
     def check(value: Any) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"expected an integer, got {_type_name(value)} {value!r}")
-        if value < minimum:
-            raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
+        if not minimum <= value <= 1_000_000:
+            problem = f"expected an integer from {minimum} to 1000000, got {value!r}"
+            raise ValueError(problem)
         return value
 
     return check
 
 
 def _rate(value: Any) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not 0 < value <= 1_000_000:
         raise ValueError(f"expected a number per second > 0, got {value!r}")
     return float(value)
 
@@ -101,6 +111,7 @@ def _listen(value: Any) -> str:
     return text
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _PATH = re.compile(r"(/[A-Za-z0-9_.~-]+)+/?")
 
@@ -441,16 +452,27 @@ class _Loader:
             self.errors.append(ConfigError(key, "expected a non-empty string"))
             return None
         if given.endswith("_env"):
+            if not _ENV_NAME.fullmatch(raw):
+                # Likely the secret itself in the wrong key: never echo it.
+                problem = "expected the name of an environment variable"
+                self.errors.append(ConfigError(key, problem))
+                return None
             if raw not in self.env:
                 problem = f"environment variable {raw} is not set"
                 self.errors.append(ConfigError(key, problem))
                 return None
             return self.env[raw]
         if given.endswith("_file"):
+            # Name the file only when it looks like a path, not a pasted secret.
+            shown = raw if os.path.isabs(raw) and "=" not in raw else "the file"
             try:
                 return Path(raw).read_text().strip()
             except OSError as exc:
-                problem = f"cannot read {raw}: {exc.strerror}"
+                problem = f"cannot read {shown}: {exc.strerror}"
+                self.errors.append(ConfigError(key, problem))
+                return None
+            except UnicodeDecodeError:
+                problem = f"{shown} is not UTF-8 text (a key file holds base64)"
                 self.errors.append(ConfigError(key, problem))
                 return None
         return raw
@@ -572,15 +594,44 @@ def _cross_checks(config: Config) -> list[ConfigError]:
         )
     if config.retry.max_s < config.retry.initial_s:
         errors.append(ConfigError("retry.max_s", "must be at least retry.initial_s"))
+    dsn_problem = _dsn_problem(config.database.dsn)
+    if dsn_problem:
+        errors.append(ConfigError("database.dsn", dsn_problem))
     return errors + _secrets_checks(config.secrets)
+
+
+def _dsn_problem(dsn: str | None) -> str | None:
+    """What makes a DSN unusable, in words that never quote it (it may hold
+    a password)."""
+    if dsn is None:
+        return None
+    try:
+        parts = urlsplit(dsn)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return "not a valid postgresql:// URL (malformed host or port)"
+    if parts.scheme not in ("postgres", "postgresql"):
+        return "expected a postgresql:// URL"
+    return None
 
 
 def _secrets_checks(s: SecretsConfig) -> list[ConfigError]:
     """What each backend needs; settings of the other backends are ignored."""
+    # Imported here: the cipher module builds on this one.
+    from tokend.secrets.cipher import decode_key
+
     errors = []
     if s.backend == "postgres" and s.key is None:
         problem = "required for backend postgres (or key_env, key_file)"
         errors.append(ConfigError("secrets.key", problem))
+    keys = {s.key_id: s.key, **s.old_keys} if s.backend == "postgres" else {}
+    for key_id, material in keys.items():
+        setting = "secrets.key" if key_id == s.key_id else f"secrets.old_keys.{key_id}"
+        try:
+            if material is not None:
+                decode_key(material, key_id, setting)
+        except ConfigError as error:
+            errors.append(error)
     if s.key_id in s.old_keys:
         problem = f"{s.key_id!r} is the current key_id; list only older keys here"
         errors.append(ConfigError(f"secrets.old_keys.{s.key_id}", problem))
@@ -606,5 +657,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         raise ConfigErrors([error]) from None
     except tomllib.TOMLDecodeError as exc:
         error = ConfigError(str(path), f"invalid TOML: {exc}")
+        raise ConfigErrors([error]) from None
+    except UnicodeDecodeError as exc:
+        error = ConfigError(str(path), f"not UTF-8 text (byte {exc.start})")
         raise ConfigErrors([error]) from None
     return parse(data, os.environ if env is None else env, str(path))

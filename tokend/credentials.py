@@ -7,6 +7,10 @@ from typing import Any
 
 import orjson
 
+# Year 2286 in milliseconds: anything later is garbage (or seconds times
+# a thousand twice), and would not survive conversion to a timestamp.
+MAX_EXPIRES_AT_MS = 10**13
+
 
 class CredentialsInvalid(ValueError):
     """The stored credentials are not the JSON object tokend expects.
@@ -44,6 +48,8 @@ class Credentials:
         expires = doc.get("expires_at")
         if not isinstance(expires, int | float) or isinstance(expires, bool):
             raise CredentialsInvalid("expires_at: missing or not milliseconds")
+        if not 0 < expires < MAX_EXPIRES_AT_MS:
+            raise CredentialsInvalid("expires_at: out of range (milliseconds)")
         instance_url = doc.get("instance_url")
         known = ("access_token", "refresh_token", "expires_at", "instance_url")
         return cls(

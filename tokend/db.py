@@ -8,7 +8,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from tokend.config import Config
-from tokend.errors import NotLeader
+from tokend.errors import ConfigError, DatabaseError, NotLeader
 
 # A connection of our own, or one borrowed from the pool.
 Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
@@ -45,3 +45,22 @@ async def create_pool(config: Config) -> asyncpg.Pool:
     )
     assert pool is not None
     return pool
+
+
+async def connect(config: Config, application_name: str) -> asyncpg.Connection:
+    """One connection for a command-line tool, failures translated: a DSN
+    asyncpg cannot use is the operator's config error (never quoted, it may
+    hold a password); an unreachable server is a runtime failure."""
+    db = config.database
+    try:
+        return await asyncpg.connect(
+            db.dsn,
+            timeout=db.connect_timeout_s,
+            command_timeout=db.statement_timeout_s,
+            server_settings={"application_name": application_name},
+        )
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        problem = f"asyncpg cannot use this DSN ({type(exc).__name__})"
+        raise ConfigError("database.dsn", problem) from None
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to the database: {exc}") from exc

@@ -177,6 +177,8 @@ class Leader:
             self._valid_until = started + c.lease_s
 
     def _stepped_down(self, exc: BaseException) -> None:
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]  # the failure itself, not its wrapping
         logger.warning(
             "stepping down" if self.role == "leader" else "database unreachable",
             extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "role": self.role},

@@ -9,6 +9,7 @@ never fatal.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -47,7 +48,7 @@ def parse(payload: str) -> tuple[str, IntegrationKey | None]:
     if not isinstance(doc, dict):
         raise Malformed("malformed", "payload is not a JSON object")
     event = doc.get("event")
-    if event not in EVENTS:
+    if not isinstance(event, str) or event not in EVENTS:
         raise Malformed("unknown", f"unknown event {str(event)[:40]!r}")
     if event == "resync":
         return event, None
@@ -77,6 +78,8 @@ class Listener:
         self._busy: set[IntegrationKey] = set()
         self._overflowed = False
         self._last_refresh_now: dict[IntegrationKey, float] = {}
+        self._last_warning = -math.inf
+        self._suppressed = 0
         self._limiter = anyio.CapacityLimiter(concurrency)
 
     async def attach(self, conn: Conn, channel: str) -> None:
@@ -114,10 +117,7 @@ class Listener:
                 event, key = parse(payload)
             except Malformed as exc:
                 metrics.notifications.labels(exc.event, "malformed").inc()
-                logger.warning(
-                    "malformed notification ignored",
-                    extra={"problem": str(exc), "bytes": len(payload)},
-                )
+                self._warn_malformed(exc, len(payload))
                 continue
             if key is None:
                 metrics.notifications.labels(event, "ok").inc()
@@ -130,11 +130,24 @@ class Listener:
                 events.append(event)
         return resync
 
+    def _warn_malformed(self, exc: Malformed, size: int) -> None:
+        """One warning a second at most: a flood of junk must not flood the
+        log too (the metric counts every one)."""
+        now = time.monotonic()
+        if now - self._last_warning < 1.0:
+            self._suppressed += 1
+            return
+        logger.warning(
+            "malformed notification ignored",
+            extra={"problem": str(exc), "bytes": size, "suppressed": self._suppressed},
+        )
+        self._last_warning, self._suppressed = now, 0
+
     async def _process(self, key: IntegrationKey, events: list[str]) -> None:
         try:
             async with self._limiter:
                 for event in events:
-                    result = await self._handle(event, key)
+                    result = await self._handle_safely(event, key)
                     metrics.notifications.labels(event, result).inc()
                     if result == "unknown":
                         logger.warning(
@@ -145,6 +158,15 @@ class Listener:
             self._busy.discard(key)
             if key in self._pending:
                 self._ready.set()
+
+    async def _handle_safely(self, event: str, key: IntegrationKey) -> str:
+        """One integration's notification never stops the listener: an
+        unexpected failure is logged with its traceback and counted."""
+        try:
+            return await self._handle(event, key)
+        except Exception:
+            logger.exception("notification handling failed", extra=key.log(event=event))
+            return "error"
 
     async def _handle(self, event: str, key: IntegrationKey) -> str:
         refresher = self.refresher
@@ -165,5 +187,10 @@ class Listener:
         last = self._last_refresh_now.get(key)
         if last is not None and now - last < self.refresh_now_interval_s:
             return "rate_limited"
+        if len(self._last_refresh_now) >= MAX_QUEUED:
+            # Only entries within the interval matter; the rest can go.
+            horizon = now - self.refresh_now_interval_s
+            recent = self._last_refresh_now.items()
+            self._last_refresh_now = {k: t for k, t in recent if t > horizon}
         self._last_refresh_now[key] = now
         return await self.refresher.reschedule(key, "retry", immediate=True)

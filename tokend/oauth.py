@@ -246,6 +246,10 @@ def _success(doc: dict[str, Any] | None, now: float, default_s: float) -> Outcom
     access = doc.get("access_token")
     if not isinstance(access, str) or not access:
         return bad("invalid_response", "200 answer has no access_token")
+    if refresh not in (None, "") and salvaged is None:
+        # Present but not a string: the provider may have rotated to a token
+        # we cannot read, so this is no success that keeps the old one.
+        return bad("invalid_response", "200 answer has a malformed refresh_token")
     expires_in = doc.get("expires_in")
     defaulted = expires_in is None
     if defaulted:

@@ -17,6 +17,7 @@ import anyio
 import asyncpg
 
 from tokend.config import Config, load
+from tokend.db import connect
 from tokend.errors import DatabaseError
 from tokend.lifecycle import iso
 from tokend.secrets import APP, MAX_VALUE_BYTES, SecretStore, open_store
@@ -39,16 +40,7 @@ def _who(tenant: UUID) -> str:
 
 
 async def _connect(config: Config) -> asyncpg.Connection:
-    db = config.database
-    try:
-        return await asyncpg.connect(
-            db.dsn,
-            timeout=db.connect_timeout_s,
-            command_timeout=db.statement_timeout_s,
-            server_settings={"application_name": "tokend secrets"},
-        )
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+    return await connect(config, "tokend secrets")
 
 
 @asynccontextmanager
