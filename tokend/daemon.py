@@ -16,19 +16,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import asyncpg
 
 from tokend import metrics, oauth, policy
 from tokend.config import Config
 from tokend.db import CONNECTION_ERRORS, Conn, create_pool
 from tokend.dispatcher import Dispatcher
 from tokend.leader import Leader
-from tokend.lifecycle import SCHEDULABLE, STATUSES, LifecycleInvalid, iso, parse_iso
+from tokend.lifecycle import STATUSES, LifecycleInvalid, iso, parse_iso
 from tokend.listener import Listener
 from tokend.refresher import Refresher
 from tokend.reload import ReloadRecord, changed_keys, policy_changed, split_reload
-from tokend.schedule import Schedule
+from tokend.schedule import ENTRY_SQL, Schedule
 from tokend.secrets import SecretStore, open_store
-from tokend.store import IntegrationKey, LoadedRow, Store
+from tokend.store import IntegrationKey, LoadedBatch, LoadedRow, Store
 
 logger = logging.getLogger(__name__)
 
@@ -309,20 +310,20 @@ class Daemon:
         """
         assert self.refresher is not None
         started = time.monotonic()
-        now = time.time()
-        # Entries older than the load's snapshot and absent from it are gone;
-        # entries added meanwhile (by notifications) are newer than it.
-        before = self.schedule.nonces()
-        seen: set[IntegrationKey] = set()
-        backfill: list[IntegrationKey] = []
-        async with self.refresher.pool.acquire() as conn:
-            async for batch in self.store.load_active(conn):
-                for row in batch:
-                    seen.add(row.key)
-                    self._load_row(row, now, backfill, recompute)
-        for key, nonce in before.items():
-            if key not in seen:
-                self.schedule.drop(key, nonce)
+        for name in self.config.providers:
+            self.schedule.provider_index(name)
+        try:
+            backfill = await self._load(recompute)
+        except asyncpg.DataError as exc:
+            if self.store.validate_times:
+                raise
+            logger.warning(
+                "a lifecycle time that SQL cannot parse; loading again, checking "
+                "each time from now on",
+                extra={"problem": str(exc)[:200]},
+            )
+            self.store.validate_times = True
+            backfill = await self._load(recompute)
         await self._reschedule_all(backfill, "backfill")
         async with self.refresher.pool.acquire() as conn:
             await self._count(conn)
@@ -336,6 +337,36 @@ class Daemon:
             },
         )
 
+    async def _load(self, recompute: bool) -> list[IntegrationKey]:
+        """One pass over the active integrations: the schedule updated, and
+        the rows to backfill returned."""
+        assert self.refresher is not None
+        now = time.time()
+        # Entries older than the load's snapshot and absent from it are gone;
+        # entries added meanwhile (by notifications) are newer than it.
+        unseen = self.schedule.snapshot()
+        backfill: list[IntegrationKey] = []
+
+        def consume(batch: LoadedBatch) -> None:
+            self.schedule.load(batch.entries, unseen)
+            for row in batch.rows:
+                self.schedule.seen(unseen, row.key)
+                self._load_row(row, now, backfill, recompute)
+
+        async with self.refresher.pool.acquire() as conn:
+            await self.store.load_active(
+                conn,
+                ENTRY_SQL,
+                self.schedule.providers,
+                consume,
+                policy=self.config.scheduler,
+                now=now,
+                # A recompute judges each row in Python (see _load_row).
+                in_sql=not recompute,
+            )
+        self.schedule.drop_unseen(unseen)
+        return backfill
+
     def _load_row(
         self,
         row: LoadedRow,
@@ -343,11 +374,9 @@ class Daemon:
         backfill: list[IntegrationKey],
         recompute: bool = False,
     ) -> None:
+        # The load leaves to Python only rows that may be scheduled.
         if row.status is None:
             backfill.append(row.key)
-            return
-        if row.status not in SCHEDULABLE or row.reconnect_required == "true":
-            self.schedule.drop(row.key)
             return
         try:
             nonce = int(row.nonce or 0)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
@@ -123,10 +123,14 @@ async def request_refresh(
         form["client_secret"] = grant.client_secret
     if grant.scope:
         form["scope"] = grant.scope
+    # Encoded here, as aiohttp would (quote_plus), without its form machinery:
+    # a measurable share of the client's CPU per refresh.
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    encoded = urlencode(form).encode()
     try:
         async with session.post(
             grant.url,
-            data=form,
+            data=encoded,
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,

@@ -107,10 +107,9 @@ class Refresher:
         metrics.refresh_lateness.observe(max(0.0, time.time() - due.deadline))
         work = _Work(due.key, due.provider)
         async with self.pool.acquire() as conn:
-            transaction = conn.transaction()
+            transaction = self.store.locked(conn, due.key)
             await transaction.start()
             try:
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", due.key.lock_key)
                 row = await self.store.read(conn, due.key)
                 await self._refresh_locked(conn, row, due, work)
             except BaseException:
@@ -179,7 +178,8 @@ class Refresher:
         provider = self._provider(row)
         now = time.time()
         metrics.token_remaining.observe(max(0.0, found.credentials.expires_at - now))
-        logger.info(
+        # Debug: at info, every refresh would log twice (its outcome is info).
+        logger.debug(
             "refresh started",
             extra=row.key.log(provider=row.provider, nonce=current.schedule_nonce),
         )
@@ -453,8 +453,7 @@ class Refresher:
         unknown or ignored.
         """
         work = _Work(key, "")
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", key.lock_key)
+        async with self.pool.acquire() as conn, self.store.locked(conn, key):
             row = await self.store.read(conn, key)
             result = await self._reschedule_locked(
                 conn, row, source, clear_reconnect, immediate, work
@@ -465,8 +464,7 @@ class Refresher:
     async def deactivate(self, key: IntegrationKey) -> str:
         """`disconnected`: no more refreshes until the next `connected`."""
         work = _Work(key, "")
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", key.lock_key)
+        async with self.pool.acquire() as conn, self.store.locked(conn, key):
             row = await self.store.read(conn, key)
             current = self._current(row)
             if row is None or current is None:
@@ -740,10 +738,8 @@ class Refresher:
         work: _Work,
     ) -> None:
         """Write the lifecycle and events; the transaction commits on return."""
-        if not await self.store.write_lifecycle(conn, row.key, lifecycle):
+        if not await self.store.write_lifecycle(conn, row.key, lifecycle, events):
             return
-        for event in events:
-            await self.store.emit(conn, event)
         work.provider = row.provider
         work.lifecycle = lifecycle
         work.events = tuple(events)

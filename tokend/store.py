@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from uuid import UUID
 
+import anyio
 import orjson
 
-from tokend.db import Conn
+from tokend.config import SchedulerConfig
+from tokend.db import Conn, LockedTransaction
 from tokend.keys import integration_key
-from tokend.lifecycle import Lifecycle, LifecycleInvalid, iso, safe_message
+from tokend.lifecycle import (
+    SCHEDULABLE,
+    Lifecycle,
+    LifecycleInvalid,
+    iso,
+    safe_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +58,12 @@ class Row:
     lifecycle_error: str | None = None
 
 
+MAX_INT8 = (1 << 63) - 1
+_SCHEDULABLE_SQL = ", ".join(f"'{status}'" for status in sorted(SCHEDULABLE))
+
+
 class LoadedRow(NamedTuple):
-    """One row of the start-of-term load: just what the heap needs."""
+    """A row of the start-of-term load that Python must judge."""
 
     key: IntegrationKey
     provider: str
@@ -59,7 +71,23 @@ class LoadedRow(NamedTuple):
     nonce: str | None
     next_refresh_at: str | None
     expires_at: str | None
-    reconnect_required: str | None
+
+
+class LoadedBatch(NamedTuple):
+    entries: list[int]
+    rows: list[LoadedRow]
+
+
+def _loaded(rows: list[Any]) -> LoadedBatch:
+    from_bytes = int.from_bytes
+    return LoadedBatch(
+        [from_bytes(r[0], "big") for r in rows if r[0] is not None],
+        [
+            LoadedRow(IntegrationKey(r[1], r[2]), *r[3:])
+            for r in rows
+            if r[1] is not None
+        ],
+    )
 
 
 @dataclass(frozen=True)
@@ -114,14 +142,83 @@ class Store:
         # The table name is a validated identifier (config), safe to format in.
         self.table = table
         self.events_channel = events_channel
+        # Parameters: $1 the providers (an entry holds an index into them),
+        # $2 now, $3 the buffer, $4 the least delay, $5 the spread (all ms).
         self._load = f"""
-            SELECT tenant, integration_id, provider,
-                   settings #>> '{{tokenLifecycle,status}}',
-                   settings #>> '{{tokenLifecycle,scheduleNonce}}',
-                   settings #>> '{{tokenLifecycle,nextRefreshAt}}',
-                   settings #>> '{{tokenLifecycle,expiresAt}}',
-                   settings #>> '{{tokenLifecycle,reconnectRequired}}'
-            FROM {table} WHERE is_active"""
+            SELECT CASE WHEN fast THEN <entry> END,
+                   CASE WHEN slow THEN tenant END,
+                   CASE WHEN slow THEN integration_id END,
+                   CASE WHEN slow THEN provider END,
+                   CASE WHEN slow THEN status END,
+                   CASE WHEN slow THEN l ->> 'scheduleNonce' END,
+                   CASE WHEN slow THEN next_text END,
+                   CASE WHEN slow THEN expires_text END
+            FROM (
+                SELECT *, NOT skip AND NOT fast AS slow
+                FROM (
+                    SELECT *,
+                        coalesce(<in_sql> AND NOT skip AND status IS NOT NULL
+                                 AND nonce IS NOT NULL AND provider_index IS NOT NULL
+                                 AND next_ok AND expires_ok
+                                 AND deadline_ms IS NOT NULL, false) AS fast
+                    FROM (
+                        -- As policy.deadline, the earlier of the stored one
+                        -- and the policy's (Daemon._load_row says why).
+                        SELECT *, round(least(stored_ms,
+                            CASE WHEN status = 'scheduled' AND expires_ms IS NOT NULL
+                                 THEN greatest($2::float8,
+                                     greatest(expires_ms - $3::float8,
+                                              $2::float8 + $4::float8)
+                                     - random() * $5::float8) END))::int8
+                            AS deadline_ms
+                        FROM (
+                            SELECT *,
+                                status IS NOT NULL AND (
+                                    status NOT IN ({_SCHEDULABLE_SQL})
+                                    OR coalesce(reconnect = 'true', false)
+                                ) AS skip,
+                                CASE WHEN NOT has_nonce THEN 0
+                                     WHEN n BETWEEN 0 AND {MAX_INT8}
+                                          AND scale(n) = 0
+                                     THEN n::int8 END AS nonce,
+                                next_text IS NULL OR (<valid:next_text>) AS next_ok,
+                                expires_text IS NULL OR (<valid:expires_text>)
+                                    AS expires_ok,
+                                CASE WHEN <valid:next_text> THEN greatest(0, 1000
+                                    * date_part('epoch', next_text::timestamptz))
+                                END AS stored_ms,
+                                CASE WHEN <valid:expires_text> THEN 1000 * date_part(
+                                    'epoch', expires_text::timestamptz) END
+                                    AS expires_ms,
+                                (array_position($1::text[], provider) - 1)::int2
+                                    AS provider_index
+                            FROM (
+                                SELECT tenant, integration_id, provider, l,
+                                       l ->> 'status' AS status,
+                                       l ? 'scheduleNonce' AS has_nonce,
+                                       CASE WHEN jsonb_typeof(l -> 'scheduleNonce')
+                                                 = 'number'
+                                            THEN (l -> 'scheduleNonce')::numeric
+                                       END AS n,
+                                       l ->> 'nextRefreshAt' AS next_text,
+                                       l ->> 'expiresAt' AS expires_text,
+                                       l ->> 'reconnectRequired' AS reconnect
+                                FROM (
+                                    SELECT tenant, integration_id, provider,
+                                           settings -> 'tokenLifecycle' AS l
+                                    FROM {table} WHERE is_active
+                                ) AS active
+                                -- Fences: each expression is computed once.
+                                OFFSET 0
+                            ) AS fields
+                            OFFSET 0
+                        ) AS parsed
+                        OFFSET 0
+                    ) AS planned
+                ) AS judged
+            ) AS sorted"""
+        # Until a timestamp has failed SQL's cast, trust the cast (cheapest).
+        self.validate_times = False
         self._read = f"""
             SELECT provider, instance_url, is_active,
                    settings -> 'tokenLifecycle' AS lifecycle
@@ -170,22 +267,90 @@ class Store:
               AND settings #>> '{{tokenLifecycle,status}}'
                   IN ('reconnect_required', 'unschedulable')
             ORDER BY 4, 9 DESC NULLS LAST LIMIT $1"""
-        self._emit = """
-            WITH e AS (
+        # The lifecycle, the events' outbox rows and their NOTIFYs in one
+        # statement; events only if the lifecycle was written.
+        self._write_with_events = f"""
+            WITH written AS ({self._write} RETURNING 1),
+            events AS (
                 INSERT INTO tokend_events
                     (type, tenant, integration_id, provider, payload)
-                VALUES ($1, $2, $3, $4, $5::jsonb) RETURNING payload
+                SELECT e.type, $1, $2, $4, e.payload::jsonb
+                FROM written,
+                     unnest($5::text[], $6::text[]) WITH ORDINALITY
+                         AS e(type, payload, n)
+                ORDER BY e.n
+                RETURNING id, payload
             )
-            SELECT pg_notify($6, (SELECT payload::text FROM e))"""
+            SELECT (SELECT count(*) FROM written),
+                   (SELECT count(pg_notify($7, payload::text))
+                    FROM (SELECT payload FROM events ORDER BY id) AS sent)"""
 
     async def load_active(
-        self, conn: Conn, batch: int = 10000
-    ) -> AsyncIterator[list[LoadedRow]]:
-        """Stream every active integration in batches; reads no secrets."""
+        self,
+        conn: Conn,
+        entry_sql: str,
+        providers: Sequence[str],
+        consume: Callable[[LoadedBatch], None],
+        *,
+        policy: SchedulerConfig,
+        now: float,
+        in_sql: bool = True,
+        batch: int = 10000,
+    ) -> None:
+        """Stream every active integration that may be scheduled to
+        `consume` in batches; reads no secrets.
+
+        Rows SQL can judge arrive as schedule entries built by `entry_sql`
+        (over `deadline_ms`, `nonce` and `provider_index`, the index in
+        `providers`), so no Python object is made of their fields; the rest
+        (no lifecycle, a time only Python can parse, a provider not listed,
+        or all with `in_sql` false) arrive as LoadedRow. Rows that must not
+        be scheduled do not arrive.
+        """
+        # Times in UTC ('Z', as tokend writes them) are parsed by SQL, the
+        # rest by Python (to SQL a time without zone is in the session's).
+        # A row SQL cannot parse fails the load with a DataError; the
+        # caller then sets `validate_times` and loads again, checking each
+        # with pg_input_is_valid (Postgres 16), or leaving all to Python.
+        check = (
+            " AND pg_input_is_valid({0}, 'timestamptz')"
+            if conn.get_server_version() >= (16, 0)
+            else " AND false"
+        )
+        query = self._load.replace("<entry>", entry_sql)
+        query = query.replace("<in_sql>", "true" if in_sql else "false")
+        for column in ("next_text", "expires_text"):
+            valid = f"{column} LIKE '____-__-__T%Z'"
+            if self.validate_times:
+                valid += check.format(column)
+            query = query.replace(f"<valid:{column}>", valid)
+        args = [
+            1000 * now,
+            1000 * policy.buffer_s,
+            1000 * policy.min_delay_s,
+            1000 * policy.spread_s,
+        ]
         async with conn.transaction(readonly=True):
-            cursor = await conn.cursor(self._load)
-            while rows := await cursor.fetch(batch):
-                yield [LoadedRow(IntegrationKey(r[0], r[1]), *r[2:]) for r in rows]
+            cursor = await conn.cursor(query, list(providers), *args)
+            send, receive = anyio.create_memory_object_stream[list[Any]](1)
+
+            async def fetch() -> None:
+                # Ask for the next batch before the last one is consumed: the
+                # server computes it while Python turns the last into entries.
+                async with send:
+                    while rows := await cursor.fetch(batch):
+                        await send.send(rows)
+
+            try:
+                async with anyio.create_task_group() as tg, receive:
+                    tg.start_soon(fetch)
+                    async for rows in receive:
+                        consume(_loaded(rows))
+            except ExceptionGroup as group:
+                # Callers handle the database's error itself (a DataError).
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from group
+                raise
 
     async def stats(self, conn: Conn, now: float) -> IntegrationStats:
         """Active integrations by status ('none' before backfill), and the
@@ -232,31 +397,45 @@ class Store:
             error,
         )
 
+    def locked(self, conn: Conn, key: IntegrationKey) -> LockedTransaction:
+        """A transaction holding the integration's advisory lock (the one the
+        host app takes for its lazy refresh) from its first statement."""
+        return LockedTransaction(conn, key.lock_key)
+
     async def write_lifecycle(
-        self, conn: Conn, key: IntegrationKey, lifecycle: Lifecycle
+        self,
+        conn: Conn,
+        key: IntegrationKey,
+        lifecycle: Lifecycle,
+        events: Sequence[Event] = (),
     ) -> bool:
-        """Store the lifecycle; False if the row is gone or its settings are
-        not a JSON object (the host's data is then left as it is)."""
+        """Store the lifecycle and emit `events` (outbox row plus NOTIFY, in
+        order), in one statement taking effect at the caller's commit, so the
+        caller counts events in metrics only after committing. False, and
+        no events, if the row is gone or its settings are not a JSON object
+        (the host's data is then left as it is)."""
         doc = orjson.dumps(lifecycle.to_json()).decode()
-        status = await conn.execute(self._write, key.tenant, key.integration_id, doc)
-        if status == "UPDATE 1":
+        if events:
+            at = time.time()
+            written = await conn.fetchval(
+                self._write_with_events,
+                key.tenant,
+                key.integration_id,
+                doc,
+                events[0].provider,
+                [event.type for event in events],
+                [orjson.dumps(event.payload(at)).decode() for event in events],
+                self.events_channel,
+            )
+        else:
+            status = await conn.execute(
+                self._write, key.tenant, key.integration_id, doc
+            )
+            written = 1 if status == "UPDATE 1" else 0
+        if written == 1:
             return True
         logger.error(
             "lifecycle not written: row missing or settings not a JSON object",
             extra=key.log(),
         )
         return False
-
-    async def emit(self, conn: Conn, event: Event) -> None:
-        """Outbox row plus NOTIFY, both taking effect at the caller's commit
-        (so the caller counts it in metrics only after committing)."""
-        payload = orjson.dumps(event.payload(time.time())).decode()
-        await conn.execute(
-            self._emit,
-            event.type,
-            event.key.tenant,
-            event.key.integration_id,
-            event.provider,
-            payload,
-            self.events_channel,
-        )
