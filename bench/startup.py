@@ -2,14 +2,17 @@
 resident memory each scheduled integration keeps.
 
 For each size (10k, 100k, 1M active integrations with a lifecycle), rounds
-alternate two fresh processes on the same table: the bare baseline (one
-asyncpg fetch of key and deadline, the deadline computed in SQL, then
-heapify) and tokend's daemon (its leader, LISTEN, load, heap). Memory per
+alternate fresh processes on the same table: the bare baseline (one asyncpg
+fetch of key and deadline, the deadline computed in SQL, then heapify) and
+tokend's daemon (its leader, LISTEN, load, backfill, heap; the clock stops
+when the heap is full, before the statuses are counted for the metrics).
+With --compare, tokend from another checkout runs too. Memory per
 integration is the slope of resident memory after the load between the two
-largest sizes; the peak during the load is shown too. The load must read
-no secrets: reads of the secrets table during it are counted.
+largest sizes; the peak during the load is shown too. The load must read no
+secrets: reads of the secrets table during it are counted.
 
     python -m bench.startup [--sizes 10000,100000,1000000] [--rounds 3]
+                            [--compare TREE]
 """
 
 from __future__ import annotations
@@ -99,17 +102,29 @@ async def _probe_tokend(dsn: str, table: str) -> dict[str, Any]:
             marks["leader"] = time.perf_counter()
         set_role(role, **more)
 
-    async def on_resync() -> None:
-        await resync()
+    def full() -> None:
         if "loaded" not in marks:
             marks["loaded"] = time.perf_counter()
             memory["after"] = _rss()
             memory["peak"] = _peak()
             memory["entries"] = len(daemon.schedule)
-            daemon.stop()
+
+    async def on_resync(**options: Any) -> None:
+        await resync(**options)
+        full()
+        daemon.stop()
 
     daemon.leader._set_role = on_role  # type: ignore[method-assign]
     daemon.resync = on_resync  # type: ignore[method-assign]
+    count = getattr(daemon, "_count", None)
+    if count is not None:
+        # The heap is full before the statuses are counted (for metrics).
+
+        async def on_count(conn: Any) -> None:
+            full()
+            await count(conn)
+
+        daemon._count = on_count  # type: ignore[attr-defined]
     with anyio.fail_after(600):
         await daemon.run()
     return {
