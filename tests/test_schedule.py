@@ -182,6 +182,8 @@ def test_out_of_range_values_are_refused_or_clamped() -> None:
         schedule.put(_key(), 1.0, MAX_NONCE + 1, "p")
     with pytest.raises(ValueError, match="nonce"):
         schedule.put(_key(), 1.0, -1, "p")
+    with pytest.raises(ValueError, match="deadline"):
+        schedule.put(_key(), float("inf"), 1, "p")
     k = _key()
     schedule.put(k, -5.0, 0, "p")
     due = schedule.get(k)

@@ -110,6 +110,8 @@ class Schedule:
     ) -> int:
         if not 0 <= nonce <= MAX_NONCE:
             raise ValueError(f"nonce out of range: {nonce}")
+        if not math.isfinite(deadline):
+            raise ValueError(f"deadline not a finite time: {deadline}")
         deadline_ms = min(max(round(deadline * 1000), 0), _MAX_DEADLINE_MS)
         return (
             (deadline_ms << _DEADLINE_SHIFT)
