@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import World, eventually, running
 from tokend import metrics
-from tokend.lifecycle import parse_iso
+from tokend.lifecycle import iso, parse_iso
 
 pytestmark = pytest.mark.anyio
 
@@ -250,3 +250,44 @@ async def _sleep(seconds: float) -> None:
     import anyio
 
     await anyio.sleep(max(0.0, seconds))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"scheduleNonce": "7"},
+        {"scheduleNonce": -5},
+        {"consecutiveFailures": -1},
+        {"status": "Scheduled"},
+        {"scheduleNonce": 1e30},
+    ],
+    ids=[
+        "string-nonce",
+        "negative-nonce",
+        "negative-failures",
+        "unknown-status",
+        "huge",
+    ],
+)
+async def test_a_damaged_lifecycle_is_replaced_and_the_integration_refreshed(
+    world: World, damage: dict
+) -> None:
+    now = time.time()
+    lifecycle = {
+        "status": "scheduled",
+        "scheduleNonce": 4,
+        "expiresAt": iso(now + 3600),
+        "nextRefreshAt": iso(now + 1),
+        **damage,
+    }
+    key = await world.connect(notify=False, settings={"tokenLifecycle": lifecycle})
+    async with running(world.config()):
+
+        async def healed() -> dict | None:
+            doc = await world.lifecycle(key)
+            ok = doc and doc.get("lastScheduleSource") == "proactive_refresh_success"
+            return doc if ok else None
+
+        after = await eventually(healed)
+    assert isinstance(after["scheduleNonce"], int) and after["scheduleNonce"] >= 1
+    assert after["status"] == "scheduled" and after["consecutiveFailures"] == 0

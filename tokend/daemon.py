@@ -27,7 +27,7 @@ from tokend.lifecycle import STATUSES, LifecycleInvalid, iso, parse_iso
 from tokend.listener import Listener
 from tokend.refresher import Refresher
 from tokend.reload import ReloadRecord, changed_keys, policy_changed, split_reload
-from tokend.schedule import ENTRY_SQL, Schedule
+from tokend.schedule import ENTRY_SQL, MAX_NONCE, Schedule
 from tokend.secrets import SecretStore, open_store
 from tokend.store import IntegrationKey, LoadedBatch, LoadedRow, Store
 
@@ -383,6 +383,9 @@ class Daemon:
             stored = parse_iso(row.next_refresh_at, "nextRefreshAt")
             expires_at = parse_iso(row.expires_at, "expiresAt")
         except (ValueError, LifecycleInvalid):
+            backfill.append(row.key)
+            return
+        if not 0 <= nonce <= MAX_NONCE:
             backfill.append(row.key)
             return
         # A retry keeps its backoff; a scheduled deadline follows the policy.

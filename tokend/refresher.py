@@ -560,6 +560,9 @@ class Refresher:
                 "stored lifecycle is malformed; starting a new one",
                 extra=row.key.log(problem=row.lifecycle_error),
             )
+            # The new one continues from the nonce the schedule knows, so its
+            # entry is not stale and what is written next supersedes it.
+            return Lifecycle(schedule_nonce=max(self.schedule.nonce(row.key), 0))
         return row.lifecycle or Lifecycle()
 
     def _provider(self, row: Row) -> Provider:

@@ -128,6 +128,10 @@ class Schedule:
         live = self._live.get(key)
         return _nonce(live) if live is not None else self._gone.get(key, -1)
 
+    def nonce(self, key: IntegrationKey) -> int:
+        """The highest nonce known for `key` (-1: none)."""
+        return self._known_nonce(key_int(key))
+
     def put(
         self, key: IntegrationKey, deadline: float, nonce: int, provider: str
     ) -> bool:

@@ -22,6 +22,7 @@ from tokend.db import Conn, LockedTransaction
 from tokend.keys import integration_key
 from tokend.lifecycle import (
     SCHEDULABLE,
+    STATUSES,
     Lifecycle,
     LifecycleInvalid,
     iso,
@@ -59,7 +60,11 @@ class Row:
 
 
 MAX_INT8 = (1 << 63) - 1
-_SCHEDULABLE_SQL = ", ".join(f"'{status}'" for status in sorted(SCHEDULABLE))
+# Known statuses that keep an integration out of the schedule; an unknown one
+# is a damaged lifecycle, scheduled so that its refresh writes a new one.
+_UNSCHEDULED_SQL = ", ".join(
+    f"'{status}'" for status in sorted(set(STATUSES) - SCHEDULABLE)
+)
 
 
 class LoadedRow(NamedTuple):
@@ -174,7 +179,7 @@ class Store:
                         FROM (
                             SELECT *,
                                 status IS NOT NULL AND (
-                                    status NOT IN ({_SCHEDULABLE_SQL})
+                                    status IN ({_UNSCHEDULED_SQL})
                                     OR coalesce(reconnect = 'true', false)
                                 ) AS skip,
                                 CASE WHEN NOT has_nonce THEN 0
