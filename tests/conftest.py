@@ -25,6 +25,12 @@ from tokend.migrate import migrate
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--chaos", action="store_true", help="run the chaos suite")
+    parser.addoption(
+        "--chaos-seconds",
+        type=float,
+        default=60.0,
+        help="how long each chaos run injects faults (default 60)",
+    )
 
 
 def pytest_collection_modifyitems(

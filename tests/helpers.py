@@ -3,13 +3,16 @@ wrote, and running the daemon in-process or as a real process."""
 
 from __future__ import annotations
 
+import atexit
 import base64
 import inspect
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +38,9 @@ CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-client-secret-" + "s3cr3t"
 SECRET_KEY = base64.b64encode(b"k" * 32).decode()
 T = TypeVar("T")
+# Every config gets a state dir (the journal) of its own under this one.
+_STATE_ROOT = Path(tempfile.mkdtemp(prefix="tokend-test-state-"))
+atexit.register(shutil.rmtree, _STATE_ROOT, True)
 
 
 def config_doc(dsn: str, **overrides: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +65,11 @@ def config_doc(dsn: str, **overrides: dict[str, Any]) -> dict[str, Any]:
         "retry": {"initial_s": 0.5, "max_s": 2.0},
         "http": {"enabled": False},
         "secrets": {"key": SECRET_KEY},
-        "daemon": {"shutdown_grace_s": 5.0},
+        "daemon": {
+            "shutdown_grace_s": 5.0,
+            "state_dir": str(_STATE_ROOT / uuid.uuid4().hex),
+            "inflight_wait_s": 2.0,
+        },
         "providers": {
             "ninjaone": {"allow_http_loopback": True, "request_timeout_s": 3.0}
         },

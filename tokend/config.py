@@ -314,7 +314,17 @@ class SecretsConfig:
 class DaemonConfig:
     instance_id: str = setting("", lambda v: v if v == "" else _text(v))
     shutdown_grace_s: float = setting(20.0, _seconds(allow_zero=True))
-    state_dir: str = setting("/var/lib/tokend", _text)
+    state_dir: str = setting("/var/lib/tokend", _text, "the write-ahead journal")
+    journal_key: str | None = secret(
+        "base64 of a 32-byte AES-256-GCM key sealing the journal; default: "
+        "secrets.key (and secrets.old_keys)"
+    )
+    inflight_wait_s: float = setting(
+        10.0,
+        _seconds(allow_zero=True),
+        "how long a refresh left in flight by another process waits for that "
+        "process's replay before retrying with the stored refresh token",
+    )
 
 
 @dataclass(frozen=True)
@@ -597,6 +607,13 @@ def _cross_checks(config: Config) -> list[ConfigError]:
     dsn_problem = _dsn_problem(config.database.dsn)
     if dsn_problem:
         errors.append(ConfigError("database.dsn", dsn_problem))
+    if config.daemon.journal_key is None and config.secrets.key is None:
+        # The journal holds rotated tokens: it is never written in plaintext.
+        problem = (
+            "required when secrets.key is not set (or journal_key_env, "
+            "journal_key_file): the journal of provider answers is encrypted"
+        )
+        errors.append(ConfigError("daemon.journal_key", problem))
     return errors + _secrets_checks(config.secrets)
 
 

@@ -22,11 +22,14 @@ from tokend import metrics, oauth, policy
 from tokend.config import Config
 from tokend.db import CONNECTION_ERRORS, Conn, create_pool
 from tokend.dispatcher import Dispatcher
+from tokend.errors import ConfigErrors, first_of
+from tokend.journal import Journal, journal_cipher
 from tokend.leader import Leader
 from tokend.lifecycle import STATUSES, LifecycleInvalid, iso, parse_iso
 from tokend.listener import Listener
 from tokend.refresher import Refresher
 from tokend.reload import ReloadRecord, changed_keys, policy_changed, split_reload
+from tokend.safekeeping import Safekeeping
 from tokend.schedule import ENTRY_SQL, MAX_NONCE, Schedule
 from tokend.secrets import SecretStore, open_store
 from tokend.store import IntegrationKey, LoadedBatch, LoadedRow, Store
@@ -103,9 +106,27 @@ class Daemon:
         return self._dispatcher.in_flight if self._dispatcher else 0
 
     async def run(self) -> None:
-        """Run until stop(); leadership is released on the way out."""
+        """Run until stop(); leadership is released on the way out.
+
+        The journal is opened first: its pending answers (the spool of the
+        last run) are stored before this process competes for leadership,
+        and whatever is still pending at the end is spooled again.
+        """
+        journal = Journal(self.config.daemon.state_dir, journal_cipher(self.config))
+        journal.open()
+        try:
+            await self._run(journal)
+        except* ConfigErrors as group:
+            # A setting that makes running unsafe (the leader refuses to lead
+            # through a pooler): stop with it as a configuration error.
+            raise first_of(group) from None
+        finally:
+            journal.close()
+
+    async def _run(self, journal: Journal) -> None:
         pool = await create_pool(self.config)
         self.secrets = open_store(self.config, pool)
+        marks = await create_pool(self.config, max_size=4, name="tokend-marks")
         try:
             async with oauth.session() as session:
                 self.refresher = Refresher(
@@ -115,10 +136,14 @@ class Daemon:
                     self.store,
                     self.schedule,
                     session,
+                    safekeeping=Safekeeping(self.config, journal, marks, self.store),
                     is_leader=self.leader.is_leader,
                     rng=self.rng,
                 )
                 async with anyio.create_task_group() as tg:
+                    tg.start_soon(
+                        self.refresher.safe.run, self.refresher.apply_journaled
+                    )
                     tg.start_soon(self._lead)
                     await self._stop.wait()
                     await self._drain()
@@ -127,6 +152,7 @@ class Daemon:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self.secrets.aclose()
                 await pool.close()
+                await marks.close()
 
     async def _lead(self) -> None:
         await self.leader.run(self._term)

@@ -22,6 +22,9 @@ CONNECTION_ERRORS = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # What asyncpg raises when the server ends a session under a statement
+    # that is just starting ("another operation is in progress").
+    asyncpg.InternalClientError,
     NotLeader,
 )
 
@@ -39,21 +42,23 @@ async def _keep_session(conn: Conn) -> None:
     """
 
 
-async def create_pool(config: Config) -> asyncpg.Pool:
+async def create_pool(
+    config: Config, *, max_size: int | None = None, name: str = "tokend"
+) -> asyncpg.Pool:
     db = config.database
     pool = await asyncpg.create_pool(
         db.dsn,
         # No connection at creation: a daemon started while Postgres is down
         # runs (answering /healthz, not /readyz) and connects when it can.
         min_size=0,
-        max_size=db.pool_size,
+        max_size=max_size or db.pool_size,
         timeout=db.connect_timeout_s,
         # Bounds every statement on the client too: a partitioned server
         # must not hang a refresh forever.
         command_timeout=db.statement_timeout_s,
         reset=_keep_session,
         server_settings={
-            "application_name": "tokend",
+            "application_name": name,
             "statement_timeout": f"{int(db.statement_timeout_s * 1000)}ms",
             # A refresh holds its transaction across one HTTP call; anything
             # idle much longer is a stuck client and is cut by the server.

@@ -15,6 +15,7 @@ import time
 import anyio
 
 from tokend.config import Config
+from tokend.db import CONNECTION_ERRORS
 from tokend.refresher import Refresher
 from tokend.schedule import Due, Schedule
 
@@ -100,9 +101,16 @@ class Dispatcher:
     async def _work(self, due: Due, slot: object) -> None:
         try:
             await self.refresher.refresh(due)
+        except CONNECTION_ERRORS as exc:
+            logger.warning(
+                "refresh interrupted by the database; retrying later",
+                extra=due.key.log(error=f"{type(exc).__name__}: {exc}"[:200]),
+            )
+            retry_at = time.time() + self.config.retry.initial_s
+            self.schedule.put(due.key, retry_at, due.nonce, due.provider)
         except Exception:
-            # One integration's failure (a lost connection, a bad row) must not
-            # stop the others: log it and try again after the first backoff.
+            # One integration's failure (a bad row, a bug) must not stop the
+            # others: log it and try again after the first backoff.
             logger.exception("refresh crashed; retrying later", extra=due.key.log())
             retry_at = time.time() + self.config.retry.initial_s
             self.schedule.put(due.key, retry_at, due.nonce, due.provider)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class TokendError(Exception):
     """Root of every error tokend raises on purpose."""
@@ -66,3 +70,13 @@ class TokenURLRefused(TokendError):
 
 class NotLeader(TokendError):
     """The leader lock is not (or no longer provably) held."""
+
+
+class JournalError(TokendError):
+    """The local write-ahead journal cannot be written (disk full, I/O error)."""
+
+
+def first_of(group: BaseExceptionGroup[E]) -> E:
+    """The first leaf of a (nested) exception group, to re-raise it alone."""
+    first = group.exceptions[0]
+    return first_of(first) if isinstance(first, BaseExceptionGroup) else first

@@ -5,8 +5,13 @@ JSON answers with `expires_in`, refresh tokens rotated on every use, `400
 invalid_grant` for a reused or unknown refresh token, `401 invalid_client`
 for a wrong client secret. Optional: a rotation grace period (the previous
 refresh token stays valid for N seconds), no rotation at all (answers carry
-no refresh_token and the old one stays valid, as RFC 6749 6 allows), and
-scripted faults (`Fault`), one per request in order.
+no refresh_token and the old one stays valid, as RFC 6749 6 allows), reuse
+detection (a rotated token used again after its grace revokes its whole
+family, as providers that detect token theft do), scripted faults
+(`Fault`), one per request in order, and random faults at a given rate.
+
+Every grant is logged with its time, the token sent, the result and the
+token issued, so a test can replay each family's chain of refresh tokens.
 
 Run alone: `python -m tokend.fake_endpoint --client ID:SECRET` prints one
 JSON line with its URL; the `/_admin/...` routes let another process seed
@@ -20,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import random
 import secrets
 import ssl
 import time
@@ -41,6 +47,11 @@ class _Refresh:
     family: str
     rotated_at: float | None = None
     revoked: bool = False
+
+
+# Random faults that leave the grant unprocessed: the refresh token sent stays
+# valid, as when a provider fails before it commits anything.
+RANDOM_FAULTS = ("500", "503", "429", "timeout", "reset", "garbage")
 
 
 @dataclass
@@ -79,6 +90,7 @@ class LogEntry:
     refresh_token: str
     result: str
     new_refresh_token: str | None = None
+    family: str | None = None
 
 
 @dataclass
@@ -101,16 +113,24 @@ class FakeTokenEndpoint:
         rotation_grace_s: float = 0.0,
         delay_s: float = 0.0,
         rotate_refresh_tokens: bool = True,
+        reuse_detection: bool = False,
     ) -> None:
         self.clients = dict(clients)
         self.expires_in_s = expires_in_s
         self.rotation_grace_s = rotation_grace_s
         self.delay_s = delay_s
         self.rotate_refresh_tokens = rotate_refresh_tokens
+        self.reuse_detection = reuse_detection
+        # Random faults: the share of requests that get one, and the kinds.
+        self.fault_rate = 0.0
+        self.fault_kinds: tuple[str, ...] = RANDOM_FAULTS
         self.faults: deque[Fault] = deque()
         self.log: list[LogEntry] = []
         self.requests: list[Request] = []
+        # Token requests being answered right now.
+        self.in_progress = 0
         self._refresh: dict[str, _Refresh] = {}
+        self._families: dict[str, list[str]] = {}
         self._access: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
         # Set on stop: hanging answers give up, so shutdown does not wait.
@@ -137,6 +157,7 @@ class FakeTokenEndpoint:
         if refresh:
             token = "rt_" + secrets.token_urlsafe(24)
             self._refresh[token] = _Refresh(client_id, family)
+            self._families.setdefault(family, []).append(token)
             answer["refresh_token"] = token
         return answer
 
@@ -147,6 +168,14 @@ class FakeTokenEndpoint:
     def refresh_token_valid(self, token: str) -> bool:
         record = self._refresh.get(token)
         return record is not None and self._usable(record, time.time())
+
+    def is_current(self, token: str) -> bool:
+        """True if `token` is the newest refresh token of a live family: the
+        one a client that lost nothing holds."""
+        record = self._refresh.get(token)
+        if record is None or record.revoked:
+            return False
+        return self._families[record.family][-1] == token
 
     def access_token_valid(self, token: str) -> bool:
         return self._access.get(token, 0.0) > time.time()
@@ -166,17 +195,27 @@ class FakeTokenEndpoint:
             self.log.append(LogEntry(now, token, "invalid_grant"))
             return 400, {"error": "invalid_grant", "error_description": "unknown"}
         if not self._usable(record, now):
-            self.log.append(LogEntry(now, token, "reused"))
-            return 400, {"error": "invalid_grant", "error_description": "reused"}
+            result = "revoked" if record.revoked else "reused"
+            if result == "reused" and self.reuse_detection:
+                # Someone replayed a spent token: assume theft, end the family.
+                for other in self._families[record.family]:
+                    self._refresh[other].revoked = True
+            self.log.append(LogEntry(now, token, result, family=record.family))
+            return 400, {"error": "invalid_grant", "error_description": result}
         if not self.rotate_refresh_tokens:
             answer = self._issue(client_id, record.family, refresh=False)
-            self.log.append(LogEntry(now, token, "ok", None))
+            self.log.append(LogEntry(now, token, "ok", None, record.family))
             return 200, answer
         if record.rotated_at is None:
             record.rotated_at = now
         answer = self._issue(client_id, record.family)
-        self.log.append(LogEntry(now, token, "ok", answer["refresh_token"]))
+        entry = LogEntry(now, token, "ok", answer["refresh_token"], record.family)
+        self.log.append(entry)
         return 200, answer
+
+    def family_of(self, token: str) -> str | None:
+        record = self._refresh.get(token)
+        return None if record is None else record.family
 
     # -- HTTP -------------------------------------------------------------
 
@@ -189,6 +228,7 @@ class FakeTokenEndpoint:
         app.router.add_post("/_admin/settings", self._admin_settings)
         app.router.add_get("/_admin/log", self._admin_log)
         app.router.add_post("/_admin/check", self._admin_check)
+        app.router.add_post("/_admin/families", self._admin_families)
         return app
 
     async def start(
@@ -230,8 +270,15 @@ class FakeTokenEndpoint:
         return str(client_id)
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
+        self.in_progress += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_progress -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        fault = self.faults.popleft() if self.faults else None
+        fault = self.faults.popleft() if self.faults else self._random_fault()
         action = fault.action if fault else "grant"
         scope = form.get("scope")
         self.requests.append(
@@ -248,6 +295,9 @@ class FakeTokenEndpoint:
         delay = fault.delay_s if fault else self.delay_s
         if delay:
             await asyncio.sleep(delay)
+            if request.transport is None or request.transport.is_closing():
+                # The client gave up while we dawdled: nothing is processed.
+                return web.Response(status=499)
         if fault is not None and action != "grant" and not fault.after_rotation:
             return await self._fault(request, fault)
         if form.get("grant_type") != "refresh_token":
@@ -281,6 +331,19 @@ class FakeTokenEndpoint:
         await response.write(body[half:])
         await response.write_eof()
         return response
+
+    def _random_fault(self) -> Fault | None:
+        if not self.fault_rate or random.random() >= self.fault_rate:
+            return None
+        kind = random.choice(self.fault_kinds)
+        if kind == "timeout":
+            return Fault(action="hang")
+        if kind == "reset":
+            return Fault(action="reset")
+        if kind == "garbage":
+            return Fault(status=200, body=b"<html>upstream error</html>")
+        headers = {"Retry-After": "1"} if kind == "429" else {}
+        return Fault(status=int(kind), body=b"{}", headers=headers)
 
     async def _fault(self, request: web.Request, fault: Fault) -> web.StreamResponse:
         if fault.action == "hang":
@@ -322,13 +385,47 @@ class FakeTokenEndpoint:
 
     async def _admin_settings(self, request: web.Request) -> web.Response:
         doc = await request.json()
-        for name in ("expires_in_s", "rotation_grace_s", "delay_s"):
+        for name in (
+            "expires_in_s",
+            "rotation_grace_s",
+            "delay_s",
+            "reuse_detection",
+            "fault_rate",
+        ):
             if name in doc:
                 setattr(self, name, doc[name])
+        if "fault_kinds" in doc:
+            unknown = set(doc["fault_kinds"]) - set(RANDOM_FAULTS)
+            if unknown:
+                return _json(400, {"error": f"unknown fault kinds {sorted(unknown)}"})
+            self.fault_kinds = tuple(doc["fault_kinds"])
         return _json(200, {"ok": True})
 
     async def _admin_log(self, request: web.Request) -> web.Response:
-        return _json(200, [entry.__dict__ for entry in self.log])
+        """The log from entry `since` on (all of it by default)."""
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            return _json(400, {"error": "since: expected an integer"})
+        return _json(200, [entry.__dict__ for entry in self.log[since:]])
+
+    async def _admin_families(self, request: web.Request) -> web.Response:
+        """For each refresh token asked about: its family, whether it is
+        usable now, and the newest token of its family."""
+        now = time.time()
+        answer: dict[str, dict[str, Any] | None] = {}
+        for token in await request.json():
+            record = self._refresh.get(token)
+            if record is None:
+                answer[token] = None
+                continue
+            answer[token] = {
+                "family": record.family,
+                "valid": self._usable(record, now),
+                "newest": self._families[record.family][-1],
+                "revoked": record.revoked,
+            }
+        return _json(200, answer)
 
     async def _admin_check(self, request: web.Request) -> web.Response:
         doc = await request.json()
@@ -354,7 +451,10 @@ def _json(status: int, doc: Any) -> web.Response:
 async def _serve(args: argparse.Namespace) -> None:
     clients = dict(pair.split(":", 1) for pair in args.client)
     endpoint = FakeTokenEndpoint(
-        clients, expires_in_s=args.expires_in, rotation_grace_s=args.grace
+        clients,
+        expires_in_s=args.expires_in,
+        rotation_grace_s=args.grace,
+        reuse_detection=args.reuse_detection,
     )
     url = await endpoint.start(args.host, args.port)
     print(orjson.dumps({"url": url}).decode(), flush=True)
@@ -371,6 +471,11 @@ def main() -> None:
     parser.add_argument("--client", action="append", default=[], help="ID:SECRET")
     parser.add_argument("--expires-in", type=int, default=3600)
     parser.add_argument("--grace", type=float, default=0.0)
+    parser.add_argument(
+        "--reuse-detection",
+        action="store_true",
+        help="a spent refresh token used again revokes its whole family",
+    )
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))

@@ -7,6 +7,13 @@ moment the leader's session ends, and each timeout proves its connection
 alive. A client-side cancel never times out that wait (a grant could race
 the cancel and leak the lock): on any doubt the connection is discarded,
 which releases whatever it held.
+
+A session lock is only as good as the session under it. Behind a pooler
+that hands server sessions out per transaction (pgbouncer in transaction
+mode), the lock stays on a server session other clients then use, and two
+processes can lead at once. So before leading, the lock connection proves
+it is one session of its own, and a process that cannot prove it refuses
+to lead and stops with an error naming the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import asyncpg
 from tokend import metrics
 from tokend.config import LeaderConfig
 from tokend.db import CONNECTION_ERRORS
-from tokend.errors import NotLeader
+from tokend.errors import ConfigError, ConfigErrors, NotLeader
 from tokend.keys import leader_key
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,31 @@ SELECT EXISTS (
        pg_is_in_recovery() AS in_recovery,
        $3 = ANY (SELECT pg_listening_channels()) AS listening
 """
+
+_SESSION = """
+SELECT pg_backend_pid() AS pid,
+       (SELECT setting::int FROM pg_settings WHERE name = 'lock_timeout')
+           AS lock_timeout_ms
+"""
+
+_HELD = """
+SELECT pg_backend_pid() AS pid,
+       EXISTS (
+           SELECT 1 FROM pg_locks
+           WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+             AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1
+       ) AS held
+"""
+
+_POOLER_HINT = (
+    "; the leader lock needs a connection that is one Postgres session of its "
+    "own: point database.dsn at Postgres, or at a pooler in session mode"
+)
+
+
+def _unsafe(problem: str) -> ConfigErrors:
+    """Leading on this connection could make two leaders: refuse, for good."""
+    return ConfigErrors([ConfigError("database.dsn", problem + _POOLER_HINT)])
 
 
 class Backoff:
@@ -96,7 +128,9 @@ class Leader:
                 conn = await self._connect()
                 self.connected = True
                 self._backoff.connected()
+                pid = await self._check_session(conn)
                 await self._wait_for_lock(conn)
+                await self._check_lock(conn, pid)
                 await self._lead(conn, term)
                 # A term ends on its own only at shutdown: closing the
                 # connection (below) releases the lock for a follower.
@@ -124,9 +158,71 @@ class Leader:
             "tcp_keepalives_count": str(c.keepalive_count),
             "tcp_user_timeout": str(c.tcp_user_timeout_s * 1000),
         }
+        try:
+            with anyio.fail_after(self.connect_timeout_s + 1):
+                # No cached prepared statements: each would be bound to a
+                # server session, and a pooler must be caught by the checks
+                # below, not trip over a missing statement first.
+                return await asyncpg.connect(
+                    self.dsn,
+                    timeout=self.connect_timeout_s,
+                    server_settings=settings,
+                    statement_cache_size=0,
+                )
+        except asyncpg.ProtocolViolationError as exc:
+            if "startup parameter" in str(exc):
+                raise _unsafe(
+                    "a connection pooler refused the settings the lock connection "
+                    f"sets at connect ({exc})"
+                ) from None
+            raise
+
+    async def _check_session(self, conn: asyncpg.Connection) -> int:
+        """The settings sent at connect reached the server session: else a
+        pooler dropped them, and with them the server-side lock_timeout."""
+        row = await conn.fetchrow(_SESSION)
+        assert row is not None
+        wanted = int(self.config.lock_timeout_s * 1000)
+        if row["lock_timeout_ms"] != wanted:
+            raise _unsafe(
+                f"lock_timeout on the lock connection is {row['lock_timeout_ms']} ms,"
+                f" not the {wanted} ms tokend set at connect: something between "
+                "tokend and Postgres drops session settings (a connection pooler?)"
+            )
+        pid: int = row["pid"]
+        return pid
+
+    async def _check_lock(self, conn: asyncpg.Connection, pid: int) -> None:
+        """The lock just granted is held by this connection's one session, and
+        no other connection can take it."""
+        classid, objid = (self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF
+        row = await conn.fetchrow(_HELD, classid, objid)
+        assert row is not None
+        if row["pid"] != pid or not row["held"]:
+            raise _unsafe(
+                "the lock connection moved between Postgres sessions"
+                f" (backend {pid}, then {row['pid']}) or lost the lock it was"
+                " just granted: a transaction-pooling proxy sits in between"
+            )
         with anyio.fail_after(self.connect_timeout_s + 1):
-            return await asyncpg.connect(
-                self.dsn, timeout=self.connect_timeout_s, server_settings=settings
+            probe = await asyncpg.connect(
+                self.dsn, timeout=self.connect_timeout_s, statement_cache_size=0
+            )
+        try:
+            with anyio.fail_after(self.config.heartbeat_timeout_s):
+                got = await probe.fetchrow(
+                    "SELECT pg_backend_pid() AS pid,"
+                    " pg_try_advisory_xact_lock($1) AS granted",
+                    self.key,
+                )
+        finally:
+            await probe.close(timeout=1)
+        assert got is not None
+        if got["granted"] or got["pid"] == pid:
+            raise _unsafe(
+                "a second connection was granted the leader lock while the lock "
+                f"connection held it (both on backend {got['pid']}): the two "
+                "share a server session, as behind a transaction-pooling proxy"
             )
 
     async def _wait_for_lock(self, conn: asyncpg.Connection) -> None:
@@ -148,6 +244,7 @@ class Leader:
         async with anyio.create_task_group() as tg:
 
             def lost(_: Any) -> None:
+                self._valid_until = 0.0
                 tg.cancel_scope.cancel()
 
             conn.add_termination_listener(lost)
@@ -160,6 +257,17 @@ class Leader:
             raise NotLeader("the leader connection was closed")
 
     async def _heartbeat(self, conn: asyncpg.Connection) -> None:
+        try:
+            await self._beat(conn)
+        except Exception:
+            # Step down at once: no refresh may start from here on, and the
+            # server may free the lock now rather than when the term's
+            # in-flight refreshes have finished their shielded writes.
+            self._valid_until = 0.0
+            conn.terminate()
+            raise
+
+    async def _beat(self, conn: asyncpg.Connection) -> None:
         c = self.config
         classid, objid = (self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF
         while True:

@@ -71,6 +71,38 @@ class Failure:
         }
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A refresh request that is (or was) out: who sent it and when.
+
+    `orphaned_at` is when a later refresh first found it under the lock with
+    its owner gone; the retry with the old refresh token waits from then.
+    """
+
+    owner: str
+    since: float
+    orphaned_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "owner": self.owner,
+            "since": iso(self.since),
+            "orphanedAt": iso(self.orphaned_at),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> InFlight | None:
+        if doc is None:
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("owner"), str):
+            raise LifecycleInvalid("inFlight: expected an object with an owner")
+        since = parse_iso(doc.get("since"), "inFlight.since")
+        if since is None:
+            raise LifecycleInvalid("inFlight.since: missing")
+        orphaned_at = parse_iso(doc.get("orphanedAt"), "inFlight.orphanedAt")
+        return cls(doc["owner"], since, orphaned_at)
+
+
 _TIMES = {
     "expires_at": "expiresAt",
     "next_refresh_at": "nextRefreshAt",
@@ -98,6 +130,10 @@ class Lifecycle:
     owner_id: str | None = None
     # The expiresAt an INTEGRATION_TOKEN_EXPIRING event was sent for: one a lapse.
     expiring_notified_for: float | None = None
+    # Set, and committed, before a refresh request goes out; cleared by the
+    # write that records its answer. Found set under the integration's lock,
+    # it means a refresh whose process or connection died mid-way.
+    in_flight: InFlight | None = None
 
     @property
     def schedulable(self) -> bool:
@@ -119,6 +155,8 @@ class Lifecycle:
         }
         for attr, key in _TIMES.items():
             doc[key] = iso(getattr(self, attr))
+        if self.in_flight is not None:
+            doc["inFlight"] = self.in_flight.to_json()
         return doc
 
     @classmethod
@@ -144,6 +182,7 @@ class Lifecycle:
             reconnect_reason=_opt_str(doc, "reconnectReason"),
             last_refresh_failure=failure if isinstance(failure, dict) else None,
             owner_id=_opt_str(doc, "ownerId"),
+            in_flight=InFlight.from_json(doc.get("inFlight")),
             **times,
         )
 

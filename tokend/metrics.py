@@ -138,3 +138,25 @@ unconfigured_provider = Counter(
     "(the provider's name is in the log, once)",
     registry=REGISTRY,
 )
+journal_pending = Gauge(
+    "tokend_journal_pending",
+    "Provider answers in the write-ahead journal not yet stored in Postgres",
+    registry=REGISTRY,
+)
+journal_window = Histogram(
+    "tokend_journal_window_seconds",
+    "From a provider answer received to the answer durable in the journal",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+    registry=REGISTRY,
+)
+journal_replays = Counter(
+    "tokend_journal_replays_total",
+    "Journaled answers applied after their refresh could not store them",
+    ["result"],
+    registry=REGISTRY,
+)
+inflight_waits = Counter(
+    "tokend_inflight_waits_total",
+    "Refreshes held back by another owner's unfinished refresh",
+    registry=REGISTRY,
+)

@@ -3,6 +3,17 @@
 Both run in one transaction under the integration's advisory lock (the same
 lock a host app takes for its lazy refresh), so no two parties ever rotate
 one refresh token at once. Heap changes are applied after the commit.
+
+A refresh that reaches the token endpoint marks itself in flight first,
+puts the answer in the journal before anything else, and leaves an answer
+the database could not take to be replayed (`safekeeping.py`). A refresh
+that finds another process's mark under the lock waits for that process's
+replay before it sends the old refresh token again.
+
+This module is past the size we aim for (about 700 lines): rescheduling
+without a refresh (`reschedule`, `deactivate`, `_plan`) is to move to a
+module of its own once the work on answer classification in this file has
+landed, so the two changes do not collide.
 """
 
 from __future__ import annotations
@@ -23,8 +34,10 @@ from tokend.config import Config
 from tokend.credentials import Credentials, CredentialsInvalid
 from tokend.db import Conn
 from tokend.errors import SecretError, SecretUnavailable, TokenURLRefused
-from tokend.lifecycle import Failure, Lifecycle
+from tokend.journal import Entry
+from tokend.lifecycle import Failure, InFlight, Lifecycle
 from tokend.providers import Provider
+from tokend.safekeeping import Safekeeping
 from tokend.schedule import Due, Schedule
 from tokend.secrets import APP, SecretStore
 from tokend.store import Event, IntegrationKey, Row, Store
@@ -68,6 +81,12 @@ class _Work:
     events: tuple[Event, ...] = ()
     outcome: str | None = None
     unconfigured: bool = False
+    # A provider answer in the journal, the credentials it carries, whether
+    # they reached the secret store, and how long the journal took.
+    journaled: Entry | None = None
+    rotated: Credentials | None = None
+    rotated_stored: bool = False
+    window_s: float | None = None
 
 
 class Refresher:
@@ -79,6 +98,8 @@ class Refresher:
         store: Store,
         schedule: Schedule,
         session: aiohttp.ClientSession,
+        *,
+        safekeeping: Safekeeping,
         is_leader: Callable[[], bool] = lambda: True,
         rng: random.Random | None = None,
     ) -> None:
@@ -88,6 +109,7 @@ class Refresher:
         self.store = store
         self.schedule = schedule
         self.session = session
+        self.safe = safekeeping
         self.is_leader = is_leader
         self.rng = rng or random.Random()
         # The unschedulable reason last logged per integration: log each once.
@@ -106,19 +128,27 @@ class Refresher:
         started = time.monotonic()
         metrics.refresh_lateness.observe(max(0.0, time.time() - due.deadline))
         work = _Work(due.key, due.provider)
-        async with self.pool.acquire() as conn:
-            transaction = self.store.locked(conn, due.key)
-            await transaction.start()
-            try:
-                row = await self.store.read(conn, due.key)
-                await self._refresh_locked(conn, row, due, work)
-            except BaseException:
+        committed = False
+        try:
+            async with self.pool.acquire() as conn:
+                transaction = self.store.locked(conn, due.key)
+                await transaction.start()
+                try:
+                    row = await self.store.read(conn, due.key)
+                    await self._refresh_locked(conn, row, due, work)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await transaction.rollback()
+                    raise
+                # A rotated token is committed even if shutdown's grace runs
+                # out now.
                 with anyio.CancelScope(shield=True):
-                    await transaction.rollback()
-                raise
-            # A rotated token is committed even if shutdown's grace runs out now.
-            with anyio.CancelScope(shield=True):
-                await transaction.commit()
+                    await transaction.commit()
+                committed = True
+        finally:
+            if work.journaled is not None:
+                stored = committed and work.rotated_stored
+                self.safe.settle(work.journaled, stored)
         self._apply(work)
         outcome = work.outcome or "skipped"
         # Provider names come from the host's rows: only configured ones
@@ -142,6 +172,11 @@ class Refresher:
             return
         if not row.is_active or not current.schedulable or not self.is_leader():
             return
+        if self.safe.outstanding(row.key):
+            # Our own request for it is out, or its answer waits for the
+            # database: look again shortly rather than ask twice.
+            self._hold(current, time.time() + self.config.retry.initial_s, work)
+            return
         try:
             found = await self._read_secrets(conn, row)
             url = self._provider(row).token_url(
@@ -163,6 +198,8 @@ class Refresher:
             # never saw one: the store failed when it was scheduled): someone
             # else refreshed and forgot to tell us.
             await self._plan(conn, row, current, found.credentials, "resync", work)
+            return
+        if await self._held_back(conn, row, current, work):
             return
         await self._call(conn, row, current, found, url, work)
 
@@ -191,15 +228,41 @@ class Refresher:
             client_auth=provider.config.client_auth,
             scope=provider.config.scope,
         )
-        outcome = await oauth.request_refresh(
-            self.session,
-            grant,
-            timeout_s=provider.config.request_timeout_s,
-            max_body_bytes=provider.config.max_body_bytes,
-            default_expires_in_s=provider.config.default_expires_in_s,
-        )
+        if not await self.safe.mark(row, current):
+            return
+        # Once the request is out, its answer may hold the only refresh token
+        # the provider still accepts: nothing cancels it from here on (the
+        # request has its own timeout, every statement a statement timeout).
         with anyio.CancelScope(shield=True):
+            self.safe.calling.add(row.key)
+            try:
+                outcome = await oauth.request_refresh(
+                    self.session,
+                    grant,
+                    timeout_s=provider.config.request_timeout_s,
+                    max_body_bytes=provider.config.max_body_bytes,
+                    default_expires_in_s=provider.config.default_expires_in_s,
+                )
+                self._keep(row, found.credentials, outcome, work)
+            finally:
+                self.safe.calling.discard(row.key)
             await self._record(conn, row, current, found, outcome, now, work)
+
+    def _keep(
+        self, row: Row, sent: Credentials, outcome: oauth.Outcome, work: _Work
+    ) -> None:
+        """Journal whatever the answer carries that the provider may not
+        give again: a rotated token set, or a salvaged refresh token."""
+        if outcome.tokens is not None:
+            rotated = self._rotated(sent, outcome.tokens)
+        elif outcome.salvaged_refresh_token not in (None, sent.refresh_token):
+            assert outcome.salvaged_refresh_token is not None
+            rotated = self._salvaged(sent, outcome.salvaged_refresh_token)
+        else:
+            return
+        name = self._provider(row).config.credentials_secret
+        work.rotated = rotated
+        work.journaled, work.window_s = self.safe.keep(row, name, sent, rotated)
 
     async def _record(
         self,
@@ -215,14 +278,17 @@ class Refresher:
         once the provider may have rotated, the answer must be written)."""
         attempt = current.replace(last_refresh_attempt_at=now)
         if outcome.kind == "success":
-            assert outcome.tokens is not None
+            assert outcome.tokens is not None and work.rotated is not None
+            self._warn_odd_answer(row, outcome.tokens)
             try:
                 await self._succeeded(
-                    conn, row, attempt, found.credentials, outcome.tokens, work
+                    conn, row, attempt, found.credentials.expires_at, work.rotated, work
                 )
             except SecretUnavailable as exc:
+                # The journal keeps the answer; the replay stores it once the
+                # store is back, and until then no refresh sends the old token.
                 logger.error(
-                    "rotated credentials could not be stored",
+                    "rotated credentials could not be stored; kept in the journal",
                     extra=row.key.log(provider=row.provider, code=exc.code),
                 )
                 await self._store_failed(conn, row, attempt, exc, work)
@@ -233,31 +299,45 @@ class Refresher:
             await self._unschedulable(conn, row, attempt, error, work, outcome)
         else:
             sent = found.credentials
-            salvaged = outcome.salvaged_refresh_token
-            if salvaged and salvaged != sent.refresh_token:
-                sent = await self._keep_refresh_token(conn, row, sent, salvaged)
+            if work.rotated is not None:
+                sent = await self._keep_refresh_token(conn, row, work.rotated, work)
             await self._retry(conn, row, attempt, sent.expires_at, outcome, work)
 
-    async def _succeeded(
-        self,
-        conn: Conn,
-        row: Row,
-        current: Lifecycle,
-        old: Credentials,
-        tokens: oauth.TokenSet,
-        work: _Work,
-    ) -> None:
-        if tokens.expires_in_defaulted:
-            logger.warning(
-                "token endpoint sent no expires_in; assuming the default lifetime",
-                extra=row.key.log(provider=row.provider),
-            )
+    def _rotated(self, old: Credentials, answer: oauth.TokenSet) -> Credentials:
+        """The credentials a successful answer makes of the old ones."""
         extra = old.extra
-        kind = tokens.token_type
+        kind = answer.token_type
         if kind and (kind.lower() != "bearer" or "token_type" in extra):
             # The host app must not send a non-bearer token as Bearer: say
             # what it is, in the secret (bearer sets stay as the host wrote).
             extra = {**extra, "token_type": kind}
+        return Credentials(
+            access_token=answer.access_token,
+            refresh_token=answer.refresh_token or old.refresh_token,
+            expires_at_ms=answer.expires_at_ms,
+            instance_url=old.instance_url,
+            extra=extra,
+        )
+
+    def _salvaged(self, old: Credentials, refresh_token: str) -> Credentials:
+        """The old credentials with the refresh token of an unusable 200
+        answer (the rest of it is dropped): the provider may already have
+        retired the one sent."""
+        return Credentials(
+            access_token=old.access_token,
+            refresh_token=refresh_token,
+            expires_at_ms=old.expires_at_ms,
+            instance_url=old.instance_url,
+            extra=old.extra,
+        )
+
+    def _warn_odd_answer(self, row: Row, answer: oauth.TokenSet) -> None:
+        if answer.expires_in_defaulted:
+            logger.warning(
+                "token endpoint sent no expires_in; assuming the default lifetime",
+                extra=row.key.log(provider=row.provider),
+            )
+        kind = answer.token_type
         if kind and kind.lower() != "bearer":
             logger.warning(
                 "token endpoint sent a token_type other than bearer; stored as is",
@@ -266,15 +346,20 @@ class Refresher:
                     answer_type=kind if _TOKEN_TYPE.fullmatch(kind) else "unusual",
                 ),
             )
-        rotated = Credentials(
-            access_token=tokens.access_token,
-            refresh_token=tokens.refresh_token or old.refresh_token,
-            expires_at_ms=tokens.expires_at_ms,
-            instance_url=old.instance_url,
-            extra=extra,
-        )
-        name = self._provider(row).config.credentials_secret
+
+    async def _succeeded(
+        self,
+        conn: Conn,
+        row: Row,
+        current: Lifecycle,
+        old_expires_at: float,
+        rotated: Credentials,
+        work: _Work,
+        name: str | None = None,
+    ) -> None:
+        name = name or self._provider(row).config.credentials_secret
         await self.secrets.put(row.key.tenant, name, rotated.dumps(), conn=conn)
+        work.rotated_stored = True
         now = time.time()
         healed = current.consecutive_failures > 0
         lifecycle = self._scheduled(
@@ -284,13 +369,15 @@ class Refresher:
         if healed:
             events.append(self._event(RECOVERED, row, rotated.expires_at))
         await self._commit(conn, row, lifecycle, events, "success", work)
+        window_ms = None if work.window_s is None else round(work.window_s * 1000, 3)
         logger.info(
             "refresh succeeded",
             extra=row.key.log(
                 provider=row.provider,
-                old_expires_at=old.expires_at,
+                old_expires_at=old_expires_at,
                 new_expires_at=rotated.expires_at,
                 next_refresh_at=lifecycle.next_refresh_at,
+                journal_ms=window_ms,
             ),
         )
 
@@ -417,24 +504,104 @@ class Refresher:
         return near and (notified is None or abs(notified - expires_at) > 0.001)
 
     async def _keep_refresh_token(
-        self, conn: Conn, row: Row, sent: Credentials, refresh_token: str
+        self, conn: Conn, row: Row, kept: Credentials, work: _Work
     ) -> Credentials:
-        """Store the refresh token of an unusable 200 answer (the rest of it
-        is dropped): the provider may already have retired the one sent."""
-        kept = Credentials(
-            access_token=sent.access_token,
-            refresh_token=refresh_token,
-            expires_at_ms=sent.expires_at_ms,
-            instance_url=sent.instance_url,
-            extra=sent.extra,
-        )
+        """Store the salvaged refresh token of an unusable 200 answer."""
         name = self._provider(row).config.credentials_secret
         await self.secrets.put(row.key.tenant, name, kept.dumps(), conn=conn)
+        work.rotated_stored = True
         logger.warning(
             "unusable answer carried a new refresh token; kept it, will retry",
             extra=row.key.log(provider=row.provider),
         )
         return kept
+
+    # -- refreshes left unfinished ----------------------------------------
+
+    def _hold(self, current: Lifecycle, until: float, work: _Work) -> None:
+        """Look at this integration again at `until` (heap only, same nonce)."""
+        work.lifecycle = current.replace(next_refresh_at=until)
+
+    async def _held_back(
+        self, conn: Conn, row: Row, current: Lifecycle, work: _Work
+    ) -> bool:
+        """True if another process's unfinished refresh must be waited for
+        (`Safekeeping.hold_until` says why and how long)."""
+        mark = current.in_flight
+        timeout_s = self._provider(row).config.request_timeout_s
+        until = self.safe.hold_until(mark, timeout_s)
+        if mark is None or until is None:
+            return False
+        now = time.time()
+        extra = row.key.log(provider=row.provider, owner=mark.owner)
+        if now >= until:
+            logger.warning(
+                "a refresh left in flight by another process was not replayed;"
+                " retrying with the stored refresh token",
+                extra=extra,
+            )
+            return False
+        if mark.orphaned_at is not None:
+            self._hold(current, until, work)
+            return True
+        metrics.inflight_waits.inc()
+        logger.warning(
+            "refresh left in flight by another process; waiting for its replay",
+            extra={**extra, "wait_s": round(until - now, 1)},
+        )
+        lifecycle = current.replace(
+            status="refreshing",
+            schedule_nonce=current.schedule_nonce + 1,
+            next_refresh_at=until,
+            last_scheduled_at=now,
+            last_schedule_source="retry",
+            in_flight=InFlight(mark.owner, mark.since, now),
+            owner_id=self.config.instance_id,
+        )
+        await self._commit(conn, row, lifecycle, [], None, work, keep_mark=True)
+        return True
+
+    async def apply_journaled(self, entry: Entry) -> str:
+        """Store a journaled answer if the stored refresh token is still the
+        one that was sent for it; return what happened."""
+        work = _Work(entry.key, entry.provider)
+        async with self.pool.acquire() as conn, self.store.locked(conn, entry.key):
+            result = await self._apply_journaled_locked(conn, entry, work)
+        self._apply(work)
+        return result
+
+    async def _apply_journaled_locked(
+        self, conn: Conn, entry: Entry, work: _Work
+    ) -> str:
+        row = await self.store.read(conn, entry.key)
+        if row is None:
+            return "discarded"
+        key = (entry.key.tenant, entry.secret_name)
+        raw = (await self.secrets.get_many([key], conn=conn)).get(key)
+        try:
+            stored = Credentials.parse(raw) if raw is not None else None
+        except CredentialsInvalid:
+            stored = None
+        rotated = Credentials.parse(entry.credentials)
+        if stored is not None and (stored.access_token, stored.refresh_token) == (
+            rotated.access_token,
+            rotated.refresh_token,
+        ):
+            return "already_stored"
+        if stored is None or stored.refresh_token != entry.sent_refresh_token:
+            # Someone stored newer credentials (a reconnect, the host app's
+            # lazy refresh, a retry that won): this answer is history.
+            return "superseded"
+        current = self._current(row)
+        if not row.is_active or current is None or current.status == "inactive":
+            await self.secrets.put(
+                entry.key.tenant, entry.secret_name, entry.credentials, conn=conn
+            )
+            return "stored"
+        await self._succeeded(
+            conn, row, current, stored.expires_at, rotated, work, entry.secret_name
+        )
+        return "stored"
 
     # -- rescheduling without a refresh -----------------------------------
 
@@ -739,8 +906,16 @@ class Refresher:
         events: list[Event],
         outcome: str | None,
         work: _Work,
+        *,
+        keep_mark: bool = False,
     ) -> None:
-        """Write the lifecycle and events; the transaction commits on return."""
+        """Write the lifecycle and events; the transaction commits on return.
+
+        Every write but the one that notes an orphaned mark clears the
+        in-flight mark: it records what became of the request.
+        """
+        if lifecycle.in_flight is not None and not keep_mark:
+            lifecycle = lifecycle.replace(in_flight=None)
         if not await self.store.write_lifecycle(conn, row.key, lifecycle, events):
             return
         work.provider = row.provider

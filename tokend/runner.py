@@ -20,7 +20,7 @@ from tokend import config as config_module
 from tokend import metrics, web
 from tokend.config import Config
 from tokend.daemon import Daemon
-from tokend.errors import ConfigError, ConfigErrors, UpstreamError
+from tokend.errors import ConfigError, ConfigErrors, UpstreamError, first_of
 from tokend.logs import configure_logging
 from tokend.sdnotify import Notifier, watchdog_loop
 
@@ -76,6 +76,9 @@ async def _main(config: Config, overrides: Overrides) -> int:
             tg.start_soon(_report, daemon, systemd)
             await daemon.run()
             tg.cancel_scope.cancel()
+    except* ConfigErrors as group:
+        # Reported by the CLI as a configuration error (exit 2).
+        raise first_of(group) from None
     finally:
         if http is not None:
             with anyio.CancelScope(shield=True):
