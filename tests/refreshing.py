@@ -16,8 +16,10 @@ from prometheus_client import generate_latest
 from tokend import oauth
 from tokend.config import Config
 from tokend.db import create_pool
+from tokend.journal import Journal, journal_cipher
 from tokend.metrics import REGISTRY
 from tokend.refresher import Refresher
+from tokend.safekeeping import Safekeeping
 from tokend.schedule import Schedule
 from tokend.secrets import open_store
 from tokend.store import IntegrationKey, Store
@@ -45,18 +47,25 @@ async def refresher(
 ) -> AsyncIterator[Refresher]:
     """A Refresher as the daemon builds it; the resolver replaces DNS."""
     pool = await create_pool(config)
+    marks = await create_pool(config, max_size=2, name="tokend-marks")
+    journal = Journal(config.daemon.state_dir, journal_cipher(config))
+    journal.open()
+    store = Store(config.database.integrations_table, config.notify.events_channel)
     try:
         async with oauth.session(resolver) as session:
             yield Refresher(
                 config,
                 pool,
                 open_store(config, pool),
-                Store(config.database.integrations_table, config.notify.events_channel),
+                store,
                 Schedule(),
                 session,
+                safekeeping=Safekeeping(config, journal, marks, store),
                 rng=random.Random(seed),
             )
     finally:
+        journal.close()
+        await marks.close()
         await pool.close()
 
 

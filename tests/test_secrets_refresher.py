@@ -221,9 +221,8 @@ async def test_rotated_credentials_that_cannot_be_stored_wait_and_say_so(
         async with running(config):
             key = await connect(world, writer, fresh_credentials(world))
             await eventually(lambda: world.events(key))
-    # What follows depends on the provider: this one has already retired the
-    # refresh token it rotated, so the token set is lost (see
-    # docs/secrets.md); the first outcome is a wait, never a reconnect.
+    # The rotated token set waits in the journal for the store (see
+    # docs/reliability.md); the first outcome is a wait, never a reconnect.
     first = (await world.events(key))[0]
     assert first["type"] == "INTEGRATION_TOKEN_REFRESH_FAILED"
     assert first["error_code"] == "secret_store_denied"

@@ -607,13 +607,6 @@ def _cross_checks(config: Config) -> list[ConfigError]:
     dsn_problem = _dsn_problem(config.database.dsn)
     if dsn_problem:
         errors.append(ConfigError("database.dsn", dsn_problem))
-    if config.daemon.journal_key is None and config.secrets.key is None:
-        # The journal holds rotated tokens: it is never written in plaintext.
-        problem = (
-            "required when secrets.key is not set (or journal_key_env, "
-            "journal_key_file): the journal of provider answers is encrypted"
-        )
-        errors.append(ConfigError("daemon.journal_key", problem))
     return errors + _secrets_checks(config.secrets)
 
 

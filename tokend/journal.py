@@ -34,7 +34,13 @@ import orjson
 
 from tokend import metrics
 from tokend.config import Config
-from tokend.errors import ConfigError, JournalError, SecretError, SecretUnavailable
+from tokend.errors import (
+    ConfigError,
+    ConfigErrors,
+    JournalError,
+    SecretError,
+    SecretUnavailable,
+)
 from tokend.secrets import APP
 from tokend.secrets.cipher import Cipher, decode_key
 from tokend.store import IntegrationKey
@@ -102,6 +108,13 @@ def journal_cipher(config: Config) -> Cipher:
     """The journal's own key if set, else the Postgres store's keyring (so a
     journal written before a key rotation still opens)."""
     key = config.daemon.journal_key
+    if key is None and config.secrets.key is None:
+        # Only `tokend run` writes a journal, so only it asks for a key.
+        problem = (
+            "required when secrets.key is not set (or journal_key_env, "
+            "journal_key_file): the journal of provider answers is encrypted"
+        )
+        raise ConfigErrors([ConfigError("daemon.journal_key", problem)])
     if key is not None:
         return Cipher(
             {"journal": decode_key(key, "journal", "daemon.journal_key")}, "journal"

@@ -288,8 +288,10 @@ class Refresher:
                 # The journal keeps the answer; the replay stores it once the
                 # store is back, and until then no refresh sends the old token.
                 logger.error(
-                    "rotated credentials could not be stored; kept in the journal",
-                    extra=row.key.log(provider=row.provider, code=exc.code),
+                    "rotated credentials could not be stored",
+                    extra=row.key.log(
+                        provider=row.provider, code=exc.code, kept="journal"
+                    ),
                 )
                 await self._store_failed(conn, row, attempt, exc, work)
         elif outcome.kind == "reconnect_required":
