@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import config_doc
 from tokend import journal as journal_module
-from tokend.errors import ConfigError, JournalError
-from tokend.journal import MAGIC, Entry, Journal
+from tokend.config import parse
+from tokend.errors import ConfigErrors, JournalError
+from tokend.journal import MAGIC, Entry, Journal, journal_cipher
 from tokend.secrets.cipher import Cipher
 from tokend.store import IntegrationKey
 
@@ -150,9 +152,9 @@ def test_a_journal_sealed_with_another_key_is_kept_aside(
 def test_a_second_process_cannot_share_the_state_dir(tmp_path: Path) -> None:
     first = Journal(tmp_path, _cipher())
     first.open()
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigErrors) as caught:
         Journal(tmp_path, _cipher()).open()
-    assert caught.value.key == "daemon.state_dir"
+    assert caught.value.errors[0].key == "daemon.state_dir"
     assert "in use by another tokend process" in str(caught.value)
     first.close()
     Journal(tmp_path, _cipher()).open()
@@ -161,9 +163,9 @@ def test_a_second_process_cannot_share_the_state_dir(tmp_path: Path) -> None:
 def test_an_unusable_state_dir_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigErrors) as caught:
         Journal(blocker / "state", _cipher()).open()
-    assert caught.value.key == "daemon.state_dir"
+    assert caught.value.errors[0].key == "daemon.state_dir"
     assert str(blocker / "state") in str(caught.value)
 
 
@@ -194,3 +196,23 @@ def test_entries_do_not_show_tokens_in_repr() -> None:
     text = repr(_entry())
     assert "rt_" not in text and "at_" not in text
     assert base64.b64encode(b"rt_sent").decode() not in text
+
+
+def test_the_journal_needs_a_key_when_the_secret_store_has_none(
+    tmp_path: Path,
+) -> None:
+    doc = config_doc("postgresql://127.0.0.1/unused")
+    doc["secrets"] = {"backend": "files", "files": {"base": str(tmp_path)}}
+    with pytest.raises(ConfigErrors) as caught:
+        journal_cipher(parse(doc, {}, "test"))
+    assert caught.value.errors[0].key == "daemon.journal_key"
+    assert "encrypted" in str(caught.value)
+
+    doc["daemon"]["journal_key"] = base64.b64encode(b"q" * 32).decode()
+    journal = Journal(tmp_path / "state", journal_cipher(parse(doc, {}, "test")))
+    journal.open()
+    journal.append(_entry())
+    journal.close()
+    again = Journal(tmp_path / "state", journal_cipher(parse(doc, {}, "test")))
+    assert len(again.open()) == 1
+    again.close()

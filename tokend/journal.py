@@ -115,11 +115,13 @@ def journal_cipher(config: Config) -> Cipher:
             "journal_key_file): the journal of provider answers is encrypted"
         )
         raise ConfigErrors([ConfigError("daemon.journal_key", problem)])
-    if key is not None:
-        return Cipher(
-            {"journal": decode_key(key, "journal", "daemon.journal_key")}, "journal"
-        )
-    return Cipher.from_config(config.secrets)
+    try:
+        if key is not None:
+            material = decode_key(key, "journal", "daemon.journal_key")
+            return Cipher({"journal": material}, "journal")
+        return Cipher.from_config(config.secrets)
+    except ConfigError as exc:
+        raise ConfigErrors([exc]) from None
 
 
 class Journal:
@@ -140,7 +142,7 @@ class Journal:
         """Take the state dir, read the journal, return its pending entries.
 
         The file is then rewritten with only those, so each start begins
-        with a compact journal. Raises ConfigError when the state dir cannot
+        with a compact journal. Raises ConfigErrors when the state dir cannot
         be used, naming it and why.
         """
         try:
@@ -148,14 +150,14 @@ class Journal:
             self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             problem = f"cannot use {self.dir}: {exc.strerror}"
-            raise ConfigError("daemon.state_dir", problem) from None
+            raise ConfigErrors([ConfigError("daemon.state_dir", problem)]) from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
             problem = f"{self.dir} is in use by another tokend process"
-            raise ConfigError("daemon.state_dir", problem) from None
+            raise ConfigErrors([ConfigError("daemon.state_dir", problem)]) from None
         if self.path.exists():
             self.pending = self._read()
         self._rewrite(list(self.pending.values()))
