@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import hashlib
 import inspect
 import os
 import shutil
@@ -38,9 +39,17 @@ CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-client-secret-" + "s3cr3t"
 SECRET_KEY = base64.b64encode(b"k" * 32).decode()
 T = TypeVar("T")
-# Every config gets a state dir (the journal) of its own under this one.
+# The configs of one test share a state dir (the journal) under this one:
+# two configs of a test compare equal unless the test changes them. Tests
+# that run several processes give each its own.
 _STATE_ROOT = Path(tempfile.mkdtemp(prefix="tokend-test-state-"))
 atexit.register(shutil.rmtree, _STATE_ROOT, True)
+
+
+def _state_dir() -> str:
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    name = hashlib.sha1(test.encode()).hexdigest()[:16] if test else "outside"
+    return str(_STATE_ROOT / name)
 
 
 def config_doc(dsn: str, **overrides: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +76,7 @@ def config_doc(dsn: str, **overrides: dict[str, Any]) -> dict[str, Any]:
         "secrets": {"key": SECRET_KEY},
         "daemon": {
             "shutdown_grace_s": 5.0,
-            "state_dir": str(_STATE_ROOT / uuid.uuid4().hex),
+            "state_dir": _state_dir(),
             "inflight_wait_s": 2.0,
         },
         "providers": {

@@ -40,8 +40,13 @@ METRICS = {
     "tokend_tokens_expired",
     "tokend_secret_store_errors_total",
     "tokend_unconfigured_provider_total",
+    "tokend_journal_pending",
+    "tokend_journal_window_seconds",
+    "tokend_journal_replays_total",
+    "tokend_inflight_waits_total",
 }
 HISTOGRAMS = {
+    "tokend_journal_window_seconds",
     "tokend_refresh_duration_seconds",
     "tokend_refresh_lateness_seconds",
     "tokend_token_remaining_seconds",

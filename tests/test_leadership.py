@@ -16,7 +16,9 @@ pytestmark = pytest.mark.anyio
 
 
 def _process(tmp_path: Path, dsn: str, name: str) -> Process:
-    doc = config_doc(dsn, daemon={"instance_id": name})
+    doc = config_doc(
+        dsn, daemon={"instance_id": name, "state_dir": str(tmp_path / name)}
+    )
     config = write_config(tmp_path / f"{name}.toml", doc)
     return Process(config, tmp_path / f"{name}.log")
 

@@ -38,6 +38,7 @@ pytestmark = pytest.mark.anyio
 def _doc(dsn: str, name: str, port: int, **overrides: dict[str, Any]) -> dict[str, Any]:
     doc = config_doc(dsn, **overrides)
     doc["daemon"]["instance_id"] = name
+    doc["daemon"]["state_dir"] = f"{doc['daemon']['state_dir']}/{name}"
     doc["http"] = {"enabled": True, "listen": f"127.0.0.1:{port}"}
     return doc
 
@@ -150,6 +151,9 @@ async def test_metrics_of_a_leader_are_all_there_and_mean_what_they_say(
     assert _value(samples, "tokend_refreshes_total", outcome="success", **ninja) >= 1
     assert _value(samples, "tokend_refreshes_total", outcome="transient", **ninja) == 0
     assert _value(samples, "tokend_refresh_duration_seconds_count", **ninja) >= 1
+    # Every answer went to the journal, and the database took every one.
+    assert _value(samples, "tokend_journal_window_seconds_count") >= 1
+    assert _value(samples, "tokend_journal_pending") == 0
     assert _value(samples, "tokend_refresh_lateness_seconds_count") >= 1
     remaining = _value(samples, "tokend_token_remaining_seconds_count")
     assert remaining >= 1

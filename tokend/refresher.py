@@ -531,7 +531,8 @@ class Refresher:
         (`Safekeeping.hold_until` says why and how long)."""
         mark = current.in_flight
         timeout_s = self._provider(row).config.request_timeout_s
-        until = self.safe.hold_until(mark, timeout_s)
+        wait_s = self.config.daemon.inflight_wait_s
+        until = self.safe.hold_until(mark, wait_s, timeout_s)
         if mark is None or until is None:
             return False
         now = time.time()

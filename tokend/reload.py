@@ -24,7 +24,7 @@ RESTART_ONLY: dict[str, frozenset[str] | None] = {
     "leader": None,
     "notify": None,
     "http": None,
-    "daemon": frozenset({"instance_id", "state_dir"}),
+    "daemon": frozenset({"instance_id", "state_dir", "journal_key"}),
 }
 
 

@@ -116,21 +116,22 @@ class Safekeeping:
         """Our own request for it is out, or its answer waits to be stored."""
         return key in self.calling or self.journal.pending_for(key) is not None
 
-    def hold_until(self, mark: InFlight | None, timeout_s: float) -> float | None:
+    def hold_until(
+        self, mark: InFlight | None, wait_s: float, timeout_s: float
+    ) -> float | None:
         """When a refresh that found `mark` may send the old token again.
 
         None when the mark is no obstacle: there is none, or it is this
         process's own (its request ended without an answer). Otherwise the
         mark's process or connection died with the request out: its answer
-        may be in that process's journal, so the retry waits
-        `inflight_wait_s` from the moment the orphan was first seen (and at
+        may be in that process's journal, so the retry waits `wait_s`
+        (`inflight_wait_s`) from the moment the orphan was first seen (and at
         least until the request itself must have timed out) for the replay
         that stores it, changes the credentials and clears the mark.
         """
         if mark is None or mark.owner == self.owner:
             return None
         orphaned_at = mark.orphaned_at or time.time()
-        wait_s = self.config.daemon.inflight_wait_s
         return max(orphaned_at + wait_s, mark.since + timeout_s)
 
     # -- the replay -----------------------------------------------------------
