@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from tests.faults import at, backends, said, spawn
-from tests.helpers import Process, World, eventually
+from tests.helpers import Process, World, eventually, running
 from tokend.fake_endpoint import Fault
 from tokend.journal import MAGIC
 from tokend.store import IntegrationKey
@@ -206,3 +206,28 @@ async def test_leaders_killed_at_random_moments_lose_nothing(
     finally:
         for process in processes:
             process.stop()
+
+
+async def test_a_request_is_marked_in_flight_with_its_owner_before_it_goes_out(
+    world: World,
+) -> None:
+    # The marker is committed: this test's own connection sees it while the
+    # request is out, and the write that records the answer clears it.
+    world.endpoint.faults.append(Fault(action="grant", delay_s=1.5))
+    config = world.config(daemon={"instance_id": "marker"})
+    async with running(config):
+        key = await world.connect()
+        await eventually(lambda: world.endpoint.in_progress > 0, timeout_s=10)
+        out = await world.lifecycle(key)
+        assert out is not None and out["status"] == "refreshing"
+        assert out["inFlight"]["owner"].startswith("marker/")
+        assert out["inFlight"]["orphanedAt"] is None
+        await eventually(world.refreshes, timeout_s=10)
+
+        async def recorded() -> dict | None:
+            doc = await world.lifecycle(key)
+            return doc if doc and doc["status"] == "scheduled" else None
+
+        done = await eventually(recorded, timeout_s=10)
+        assert "inFlight" not in done
+        assert done["lastScheduleSource"] == "proactive_refresh_success"

@@ -237,3 +237,36 @@ def test_a_journal_that_never_empties_is_compacted(
     # The last "done" may still have been in memory: a harmless replay.
     assert waiting.id in replayed and replayed <= {waiting.id, entry.id}
     again.close()
+
+
+def test_a_damaged_journal_is_kept_aside_and_what_opens_is_replayed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = Journal(tmp_path, _cipher())
+    journal.open()
+    first, second = _entry(1), _entry(2)
+    journal.append(first)
+    journal.append(second)
+    _crash(journal)
+    data = bytearray((tmp_path / "journal").read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the second record
+    (tmp_path / "journal").write_bytes(bytes(data))
+
+    caplog.set_level(logging.ERROR, logger="tokend.journal")
+    again = Journal(tmp_path, _cipher())
+    assert [e.id for e in again.open()] == [first.id]
+    again.close()
+    assert len(_kept_aside(tmp_path)) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "journal unreadable; kept aside for an operator"
+    ]
+
+
+def test_a_file_that_is_no_journal_is_kept_aside(tmp_path: Path) -> None:
+    (tmp_path / "journal").write_bytes(b"not a journal at all")
+    journal = Journal(tmp_path, _cipher())
+    assert journal.open() == []
+    journal.close()
+    (kept,) = _kept_aside(tmp_path)
+    assert kept.read_bytes() == b"not a journal at all"
+    assert (tmp_path / "journal").read_bytes() == MAGIC

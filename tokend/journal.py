@@ -220,7 +220,7 @@ class Journal:
         return dict(doc)
 
     def _set_aside(self, problem: str) -> None:
-        aside = self.path.with_name(f"journal.unreadable-{int(time.time())}")
+        aside = self.path.with_name(f"journal.unreadable-{time.time_ns()}")
         os.replace(self.path, aside)
         logger.error(
             "journal unreadable; kept aside for an operator",
