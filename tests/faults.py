@@ -13,7 +13,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -242,10 +241,6 @@ async def backends(conn: asyncpg.Connection, application: str) -> list[int]:
         "SELECT pid FROM pg_stat_activity WHERE application_name = $1", application
     )
     return [r["pid"] for r in rows]
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 def wait_until(probe: Any, timeout_s: float, every_s: float = 0.05) -> Any:
