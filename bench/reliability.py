@@ -1,9 +1,9 @@
 """Reliability figures for docs/reliability.md, measured with the default
 leader settings (the tests use shorter ones to stay fast).
 
-    python bench/reliability.py takeover   # SIGKILL the leader, time the follower
-    python bench/reliability.py window     # provider answer in hand -> durable
-    python bench/reliability.py partition  # stall the leader's link to Postgres
+    python -m bench.reliability takeover   # SIGKILL the leader, time the follower
+    python -m bench.reliability window     # provider answer in hand -> durable
+    python -m bench.reliability partition  # stall the leader's link to Postgres
 
 Each prints one JSON object. Everything runs on loopback: an embedded
 Postgres, the fake token endpoint, `tokend run` processes.
@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import logging
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -27,8 +26,6 @@ from typing import Any
 import anyio
 import asyncpg
 import orjson
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.conftest import PgServer
 from tests.faults import (
